@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) benchmarks/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q --runslow tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/fidelity.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
