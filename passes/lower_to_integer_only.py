@@ -1,0 +1,494 @@
+"""LowerToIntegerOnly: rewrite a quantize/dequantize graph into integer arithmetic.
+
+Preconditions
+-------------
+The function holds simulated quantization: weights as ``dequantize(const_int, scale, 0,
+axis)`` and activations as ``dequantize(quantize(x, s, z), s, z)`` with constant per-tensor
+scales and zero points, as :class:`~tvmquant.passes.InsertFakeQuant` produces (any QDQ graph
+of that form works, e.g. one imported from a QDQ ONNX model).
+
+Rules (each keyed by the op that produces the value a ``quantize`` consumes)
+----------------------------------------------------------------------------
+- conv2d / matmul: int8 x int8 (or uint8 x int8) -> int32 accumulation. A nonzero input zero
+  point is handled by padding with the zero point and subtracting ``zp * sum(W)`` per output
+  channel, folded together with the int32 bias into one constant.
+- Dyadic requantization of the accumulator into the next tensor's grid:
+  ``clip(z + round_half_up(acc * m0 / 2^shift), lo, hi)`` in int64, ``m0`` and ``shift`` per
+  output channel; fused ReLU/ReLU6/clip become the clamp bounds.
+- requantize (``quantize(dequantize(q))``): identity when the grids agree, dyadic otherwise.
+- add / multiply of two quantized tensors: both operands rescaled dyadically to a common shift.
+- unary elementwise regions (hard-swish, sigmoid, ...): a lookup table over the input's codes.
+- movement ops (reshape, transpose, max-pool, ...): applied to the integer codes.
+- mean (global average pooling): int32 sum, then dyadic requantization.
+- concat: operands requantized to the output grid, then concatenated.
+Anything else stays in float, between a dequantize and a quantize; such places are recorded
+in the function attribute ``tvmquant.float_fallbacks`` as ``"tensor: reason"`` strings.
+An anchor whose output is not quantized (a model output) keeps a float rescale of its integer
+accumulator: that is the output dequantize.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .._compat import Constant, const_value, dtype_of, static_shape
+from ..numerics import dequantize as np_dequantize
+from ..numerics import dyadic
+from ..numerics import quantize as np_quantize
+from .analysis import MOVEMENT_OPS
+
+FALLBACK_ATTR = "tvmquant.float_fallbacks"
+INTEGER_ATTR = "tvmquant.integer_only"
+
+_DTYPE_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
+
+# NumPy semantics of the elementwise ops a unary region may contain (for lookup tables).
+_NP_UNARY = {
+    "relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
+    "relax.divide": np.divide, "relax.minimum": np.minimum, "relax.maximum": np.maximum,
+    "relax.power": np.power, "relax.negative": np.negative, "relax.sqrt": np.sqrt,
+    "relax.abs": np.abs, "relax.exp": np.exp, "relax.tanh": np.tanh, "relax.square": np.square,
+    "relax.sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "relax.nn.relu": lambda x: np.maximum(x, 0),
+    "relax.nn.silu": lambda x: x / (1.0 + np.exp(-x)),
+}
+
+
+@dataclass
+class _Acc:
+    """An integer accumulator and the real scale of one of its units."""
+
+    acc: relax.Expr  # int32 tensor
+    scale: np.ndarray  # float64, scalar or per channel
+    ch_axis: int
+    ndim: int
+
+
+@dataclass
+class _QTensor:
+    """A quantized tensor: integer codes with a per-tensor scale and zero point."""
+
+    codes: relax.Expr
+    scale: float
+    zp: int
+    dtype: str
+
+
+def _scalar(c) -> float | int | None:
+    if isinstance(c, Constant):
+        v = const_value(c)
+        if v.size == 1:
+            return v.reshape(()).item()
+    return None
+
+
+def _channel_shape(ndim: int, axis: int, n: int) -> list[int]:
+    shape = [1] * ndim
+    shape[axis] = n
+    return shape
+
+
+@relax.expr_functor.mutator
+class _LowerMutator(relax.PyExprMutator):
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.accs: dict = {}  # new float var (rescaled accumulator) -> _Acc
+        self.fallbacks: list[str] = []
+
+    # -- lookups on the new graph ---------------------------------------------------------
+    def _producer(self, expr) -> relax.Call | None:
+        if isinstance(expr, relax.Var):
+            value = self.lookup_binding(expr)
+            return value if isinstance(value, relax.Call) else None
+        return expr if isinstance(expr, relax.Call) else None
+
+    def _as_dequantized(self, expr) -> _QTensor | None:
+        """If ``expr`` is ``dequantize(q, s, z)`` with scalar constant s, z: its codes."""
+        call = self._producer(expr)
+        if call is None or call.op.name != "relax.dequantize":
+            return None
+        s, z = _scalar(call.args[1]), _scalar(call.args[2])
+        if s is None or z is None:
+            return None
+        return _QTensor(call.args[0], float(s), int(z), dtype_of(call.args[0]))
+
+    def _weight(self, expr):
+        """Constant weight codes with symmetric per-tensor/per-channel scales, or None."""
+        call = self._producer(expr)
+        if call is None or call.op.name != "relax.dequantize":
+            return None
+        codes, s, z = call.args
+        if not all(isinstance(a, Constant) for a in (codes, s, z)):
+            return None
+        if np.any(const_value(z) != 0):
+            return None
+        return const_value(codes), const_value(s).astype(np.float64), int(call.attrs.axis)
+
+    def emit(self, expr, name=""):
+        return self.builder_.emit(expr, name_hint=name)
+
+    # -- integer building blocks ------------------------------------------------------------
+    def _const(self, value, dtype):
+        return relax.const(np.asarray(value).astype(dtype), dtype)
+
+    def _requant(self, acc, scale_ratio, ch_axis, ndim, zp, lo, hi, out_dtype, name=""):
+        """clip(zp + round_half_up(acc * M), lo, hi) with M = m0 / 2^shift (per channel)."""
+        d = dyadic(scale_ratio)
+        if d.m0.ndim and d.m0.size > 1:
+            shape = _channel_shape(ndim, ch_axis, d.m0.size)
+            m0, shift = d.m0.reshape(shape), d.shift.reshape(shape)
+        else:
+            m0, shift = d.m0.reshape(()), d.shift.reshape(())
+        half = np.where(shift > 0, np.left_shift(1, np.maximum(shift - 1, 0)), 0)
+        x = self.emit(relax.op.astype(acc, "int64"))
+        x = self.emit(relax.op.multiply(x, self._const(m0, "int64")))
+        x = self.emit(relax.op.add(x, self._const(half, "int64")))
+        x = self.emit(relax.op.right_shift(x, self._const(shift, "int64")))
+        x = self.emit(relax.op.add(x, self._const(zp, "int64")))
+        x = self.emit(relax.op.clip(x, int(lo), int(hi)))
+        return self.emit(relax.op.astype(x, out_dtype), name)
+
+    def _shifted(self, q: _QTensor, dtype="int32"):
+        x = self.emit(relax.op.astype(q.codes, dtype))
+        if q.zp:
+            x = self.emit(relax.op.subtract(x, self._const(q.zp, dtype)))
+        return x
+
+    # -- rules producing a float rescaled accumulator (anchors) -----------------------------
+    def _lower_anchor(self, call: relax.Call):
+        op = call.op.name
+        a = self._as_dequantized(call.args[0])
+        if a is None or dtype_of(call) != "float32":
+            return None
+        out_shape = static_shape(call)
+        if out_shape is None:
+            return None
+        ndim = len(out_shape)
+        w = self._weight(call.args[1])
+        if w is None:
+            b = self._as_dequantized(call.args[1])
+            if op != "relax.matmul" or b is None:
+                self._note_anchor_fallback(call)
+                return None
+            acc = self.emit(relax.op.matmul(self._shifted(a, "int16"), self._shifted(b, "int16"),
+                                            out_dtype="int32"))
+            return _Acc(acc, np.float64(a.scale * b.scale), ndim - 1, ndim)
+        wq, ws, w_axis = w
+        wconst = relax.const(wq, str(wq.dtype))
+        if op == "relax.nn.conv2d":
+            attrs = call.attrs
+            if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
+                self._note_anchor_fallback(call, "layout other than NCHW/OIHW")
+                return None
+            if w_axis % 4 != 0:
+                return None
+            data = a.codes
+            padding = [int(p) for p in attrs.padding]
+            if a.zp != 0 and any(padding):
+                # Pad with the zero point (= real 0), then convolve unpadded.
+                top, left, bottom, right = padding
+                data = self.emit(relax.op.nn.pad(
+                    data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(a.zp)))
+                padding = [0, 0, 0, 0]
+            acc = self.emit(relax.op.nn.conv2d(
+                data, wconst, strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+                groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW",
+                out_dtype="int32"))
+            ch_axis, wsum = 1, wq.astype(np.int64).sum(axis=(1, 2, 3))
+        else:  # matmul with a constant (K, N) weight
+            if wq.ndim != 2 or w_axis % 2 != 1:
+                return None
+            acc = self.emit(relax.op.matmul(a.codes, wconst, out_dtype="int32"))
+            ch_axis, wsum = ndim - 1, wq.astype(np.int64).sum(axis=0)
+        if a.zp != 0:
+            corr = (-a.zp * wsum).astype(np.int32).reshape(_channel_shape(ndim, ch_axis,
+                                                                           wsum.size))
+            acc = self.emit(relax.op.add(acc, self._const(corr, "int32")))
+        return _Acc(acc, a.scale * ws, ch_axis, ndim)
+
+    def _note_anchor_fallback(self, call, reason=None):
+        if reason is None:
+            reason = "weights not symmetric per-tensor/per-channel int (e.g. per-group)"
+        self.fallbacks.append(f"{call.op.name.split('.')[-1]}: {reason}")
+
+    # -- rules producing integer codes for quantize(y, s, z) --------------------------------
+    def _lower_quantize(self, call: relax.Call):
+        s, z = _scalar(call.args[1]), _scalar(call.args[2])
+        if s is None or z is None:
+            return None, "per-axis or dynamic output scale"
+        out_dtype = str(call.attrs.out_dtype)
+        qmin, qmax = _DTYPE_RANGE[out_dtype]
+        s, z = float(s), int(z)
+        y = call.args[0]
+        for rule in (self._rule_anchor, self._rule_requant, self._rule_binary,
+                     self._rule_movement, self._rule_mean, self._rule_concat, self._rule_lut):
+            out = rule(y, s, z, qmin, qmax, out_dtype)
+            if out is not None:
+                return out, None
+        prod = self._producer(y)
+        op = prod.op.name.split(".")[-1] if prod is not None and hasattr(prod.op, "name") \
+            else type(y).__name__
+        return None, f"no integer rule for {op}"
+
+    def _peel_clamp(self, y, s, z, qmin, qmax):
+        """See through a ReLU/clip producing ``y``: (its input, integer clamp bounds)."""
+        prod = self._producer(y)
+        if prod is not None and prod.op.name == "relax.nn.relu":
+            return prod.args[0], max(qmin, z), qmax
+        if prod is not None and prod.op.name == "relax.clip":
+            cmin, cmax = float(prod.args[1].value), float(prod.args[2].value)
+            lo = max(qmin, int(np_quantize(np.float32(cmin), s, z, qmin, qmax)))
+            hi = min(qmax, int(np_quantize(np.float32(cmax), s, z, qmin, qmax)))
+            return prod.args[0], lo, hi
+        return y, qmin, qmax
+
+    def _rule_anchor(self, y, s, z, qmin, qmax, out_dtype):
+        cur, lo, hi = self._peel_clamp(y, s, z, qmin, qmax)
+        bias = None
+        prod = self._producer(cur)
+        if prod is not None and prod.op.name == "relax.add":
+            for i in (0, 1):
+                if prod.args[i] in self.accs and isinstance(prod.args[1 - i], Constant):
+                    bias = const_value(prod.args[1 - i]).astype(np.float64)
+                    cur = prod.args[i]
+        if cur not in self.accs:
+            return None
+        info = self.accs[cur]
+        acc = info.acc
+        if bias is not None:
+            nch = info.scale.size if np.ndim(info.scale) else None
+            bias_vec = np.broadcast_to(bias, _broadcast_shape(bias, info, nch)).reshape(-1) \
+                if nch else bias
+            if nch is None or bias_vec.size != nch:
+                return None
+            bq = np.round(bias_vec / info.scale).astype(np.int64)
+            bq = np.clip(bq, -(2**31), 2**31 - 1).astype(np.int32)
+            acc = self.emit(relax.op.add(acc, self._const(
+                bq.reshape(_channel_shape(info.ndim, info.ch_axis, nch)), "int32")))
+        return self._requant(acc, info.scale / s, info.ch_axis, info.ndim, z, lo, hi, out_dtype)
+
+    def _rule_requant(self, y, s, z, qmin, qmax, out_dtype):
+        q = self._as_dequantized(y)
+        if q is None:
+            return None
+        return self._requant_tensor(q, s, z, qmin, qmax, out_dtype)
+
+    def _requant_tensor(self, q: _QTensor, s, z, qmin, qmax, out_dtype):
+        if q.scale == s and q.zp == z and q.dtype == out_dtype:
+            return q.codes
+        x = self._shifted(q)
+        return self._requant(x, np.float64(q.scale / s), 0, 0, z, qmin, qmax, out_dtype)
+
+    def _rule_binary(self, y, s, z, qmin, qmax, out_dtype):
+        y, qmin, qmax = self._peel_clamp(y, s, z, qmin, qmax)
+        prod = self._producer(y)
+        if prod is None or prod.op.name not in ("relax.add", "relax.multiply"):
+            return None
+        if len(prod.args) != 2:
+            return None
+        a, b = (self._as_dequantized(x) for x in prod.args)
+        if a is None or b is None:
+            return None
+        xa, xb = self._shifted(a, "int64"), self._shifted(b, "int64")
+        if prod.op.name == "relax.multiply":
+            p = self.emit(relax.op.multiply(xa, xb))
+            return self._requant_int64(p, a.scale * b.scale / s, z, qmin, qmax, out_dtype)
+        ma, mb = a.scale / s, b.scale / s
+        shift = int(dyadic(max(ma, mb)).shift)
+        ia = int(round(ma * 2.0**shift))
+        ib = int(round(mb * 2.0**shift))
+        pa = self.emit(relax.op.multiply(xa, self._const(ia, "int64")))
+        pb = self.emit(relax.op.multiply(xb, self._const(ib, "int64")))
+        p = self.emit(relax.op.add(pa, pb))
+        return self._shift_out(p, shift, z, qmin, qmax, out_dtype)
+
+    def _requant_int64(self, p, ratio, z, qmin, qmax, out_dtype):
+        d = dyadic(ratio)
+        p = self.emit(relax.op.multiply(p, self._const(int(d.m0), "int64")))
+        return self._shift_out(p, int(d.shift), z, qmin, qmax, out_dtype)
+
+    def _shift_out(self, p, shift, z, qmin, qmax, out_dtype):
+        if shift > 0:
+            p = self.emit(relax.op.add(p, self._const(1 << (shift - 1), "int64")))
+            p = self.emit(relax.op.right_shift(p, self._const(shift, "int64")))
+        p = self.emit(relax.op.add(p, self._const(z, "int64")))
+        p = self.emit(relax.op.clip(p, qmin, qmax))
+        return self.emit(relax.op.astype(p, out_dtype))
+
+    def _rule_movement(self, y, s, z, qmin, qmax, out_dtype):
+        prod = self._producer(y)
+        if prod is None or prod.op.name not in MOVEMENT_OPS:
+            return None
+        q = self._as_dequantized(prod.args[0])
+        if q is None:
+            return None
+        moved = self.emit(relax.Call(prod.op, [q.codes, *prod.args[1:]], prod.attrs,
+                                     prod.ty_args))
+        return self._requant_tensor(_QTensor(moved, q.scale, q.zp, q.dtype), s, z, qmin, qmax,
+                                    out_dtype)
+
+    def _rule_mean(self, y, s, z, qmin, qmax, out_dtype):
+        prod = self._producer(y)
+        if prod is None or prod.op.name != "relax.mean":
+            return None
+        q = self._as_dequantized(prod.args[0])
+        in_shape = static_shape(prod.args[0])
+        if q is None or in_shape is None or prod.attrs.axis is None:
+            return None
+        axes = [int(a) % len(in_shape) for a in prod.attrs.axis]
+        n = int(np.prod([in_shape[a] for a in axes]))
+        x = self._shifted(q)
+        total = self.emit(relax.op.sum(x, axis=axes, keepdims=bool(prod.attrs.keepdims)))
+        return self._requant(total, np.float64(q.scale / (s * n)), 0, 0, z, qmin, qmax,
+                             out_dtype)
+
+    def _rule_concat(self, y, s, z, qmin, qmax, out_dtype):
+        prod = self._producer(y)
+        if prod is None or prod.op.name != "relax.concat":
+            return None
+        tup = prod.args[0]
+        if isinstance(tup, relax.Var):
+            tup = self.lookup_binding(tup)
+        if not isinstance(tup, relax.Tuple):
+            return None
+        parts = []
+        for f in tup.fields:
+            q = self._as_dequantized(f)
+            if q is None:
+                return None
+            parts.append(self._requant_tensor(q, s, z, qmin, qmax, out_dtype))
+        return self.emit(relax.op.concat(parts, axis=int(prod.attrs.axis)))
+
+    def _rule_lut(self, y, s, z, qmin, qmax, out_dtype):
+        source: list[_QTensor] = []
+
+        def evaluate(expr, xs):
+            q = self._as_dequantized(expr)
+            if q is not None:
+                if source and not source[0].codes.same_as(q.codes):
+                    raise _NotUnary
+                if not source:
+                    source.append(q)
+                return xs
+            c = _scalar(expr)
+            if c is not None:
+                return np.float32(c)
+            if isinstance(expr, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
+                return np.float32(float(expr.value))
+            prod = self._producer(expr)
+            if prod is None:
+                raise _NotUnary
+            name = prod.op.name
+            if name == "relax.clip":
+                x = evaluate(prod.args[0], xs)
+                return np.clip(x, float(prod.args[1].value), float(prod.args[2].value))
+            if name not in _NP_UNARY:
+                raise _NotUnary
+            args = [evaluate(a, xs) for a in prod.args]
+            return _NP_UNARY[name](*args).astype(np.float32)
+
+        # Find the source grid first (dry run on a placeholder), then tabulate its codes.
+        try:
+            evaluate(y, np.zeros(1, np.float32))
+        except (_NotUnary, AttributeError, TypeError, ValueError):
+            return None
+        if not source or self._producer(y) is None:
+            return None
+        src = source[0]
+        lo, hi = _DTYPE_RANGE.get(src.dtype, (None, None))
+        if lo is None:
+            return None
+        codes = np.arange(lo, hi + 1, dtype=np.int32)
+        xs = np_dequantize(codes, np.float32(src.scale), np.int32(src.zp))
+        with np.errstate(all="ignore"):
+            ys = evaluate(y, xs)
+        if not np.all(np.isfinite(ys)):
+            return None
+        table = np_quantize(np.broadcast_to(ys, xs.shape), np.float32(s), np.int32(z),
+                           qmin, qmax).astype(out_dtype)
+        idx = self.emit(relax.op.astype(src.codes, "int32"))
+        if lo:
+            idx = self.emit(relax.op.subtract(idx, self._const(lo, "int32")))
+        return self.emit(relax.op.take(relax.const(table, out_dtype), idx, axis=0))
+
+    # -- visitor ----------------------------------------------------------------------------
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        var = binding.var
+        value = self.visit_expr(binding.value)
+        new_value = None
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+            name = value.op.name
+            if name in ("relax.nn.conv2d", "relax.matmul"):
+                info = self._lower_anchor(value)
+                if info is not None:
+                    shape = _channel_shape(info.ndim, info.ch_axis, np.size(info.scale)) \
+                        if np.ndim(info.scale) else ()
+                    f = self.emit(relax.op.astype(info.acc, "float32"))
+                    rescaled = relax.op.multiply(
+                        f, relax.const(np.asarray(info.scale, np.float32).reshape(shape),
+                                       "float32"))
+                    new_var = self._emit_binding(var, rescaled)
+                    self.accs[new_var] = info
+                    return
+            elif name == "relax.quantize":
+                codes, reason = self._lower_quantize(value)
+                if codes is not None:
+                    self.set_var_remap(var, codes)
+                    return
+                if self._producer(value.args[0]) is not None:  # else: the input quantize
+                    self.fallbacks.append(f"{var.name.removesuffix('_q')}: {reason}")
+        self._emit_binding(var, new_value if new_value is not None else value)
+
+    def _emit_binding(self, var, value):
+        if isinstance(var, relax.DataflowVar):
+            new_var = self.builder_.emit(value, name_hint=var.name)
+        else:
+            new_var = self.builder_.emit_output(value, name_hint=var.name)
+        self.set_var_remap(var, new_var)
+        return new_var
+
+
+class _NotUnary(Exception):
+    pass
+
+
+def _broadcast_shape(bias: np.ndarray, info: _Acc, nch: int):
+    shape = list(bias.shape)
+    shape = [1] * (info.ndim - len(shape)) + shape
+    shape[info.ch_axis] = nch
+    return tuple(shape)
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvmquant.LowerToIntegerOnly")
+class LowerToIntegerOnly:
+    """Rewrite simulated quantization (QDQ) into integer-only arithmetic.
+
+    Parameters
+    ----------
+    func_name : str
+        The Relax function to lower.
+
+    The lowered function carries the attributes ``tvmquant.integer_only`` and
+    ``tvmquant.float_fallbacks`` (the quantized tensors whose producer stayed in float, with
+    the reason).
+    """
+
+    def __init__(self, func_name: str = "main"):
+        self.func_name = func_name
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        func = mod[self.func_name]
+        mutator = _LowerMutator(mod)
+        new_func = mutator.visit_expr(func)
+        new_func = new_func.with_attr(INTEGER_ATTR, True)
+        new_func = new_func.with_attr(FALLBACK_ATTR, list(mutator.fallbacks))
+        mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+        mod[self.func_name] = new_func
+        return relax.transform.DeadCodeElimination()(mod)
+
+
+__all__ = ["LowerToIntegerOnly"]
