@@ -1,0 +1,64 @@
+"""Friendly target names for x86 CPUs (and any TVM target dict)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import tvm
+
+# Friendly name -> LLVM target fields. mcpu picks the instruction set the kernels may use.
+TARGETS: dict[str, dict] = {
+    "x86-vnni": {"kind": "llvm", "mcpu": "cascadelake"},  # AVX-512 VNNI
+    "x86-amx": {"kind": "llvm", "mcpu": "sapphirerapids"},  # AVX-512 VNNI + AMX-INT8
+    "x86-avx512": {"kind": "llvm", "mcpu": "skylake-avx512"},
+    "x86-avx2": {"kind": "llvm", "mcpu": "haswell"},
+    "llvm": {"kind": "llvm"},  # generic x86-64, no extensions assumed
+}
+
+
+def host_target() -> dict:
+    """The LLVM target of this machine's CPU."""
+    cpu = tvm.target.codegen.llvm_get_system_cpu() if hasattr(tvm.target, "codegen") else None
+    fields = {"kind": "llvm"}
+    if cpu and cpu != "generic":
+        fields["mcpu"] = str(cpu)
+    return fields
+
+
+def resolve_target(target: str | Mapping | tvm.target.Target,
+                   num_cores: int | None = None) -> tvm.target.Target:
+    """Turn a friendly name, a JSON/dict target, or a Target into a ``tvm.target.Target``.
+
+    Friendly names: ``x86-vnni``, ``x86-amx``, ``x86-avx512``, ``x86-avx2``, ``llvm``,
+    ``native`` (this machine's CPU).
+    """
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, str):
+        text = target.strip()
+        if text.startswith("{"):
+            try:
+                fields = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"target {text!r} is not valid JSON: {err}") from None
+        elif text in ("native", "host"):
+            fields = host_target()
+        elif text in TARGETS:
+            fields = dict(TARGETS[text])
+        else:
+            raise ValueError(
+                f"unknown target {text!r}; use one of {', '.join([*TARGETS, 'native'])} "
+                "or a TVM target dict such as '{\"kind\": \"llvm\", \"mcpu\": \"znver4\"}'"
+            )
+    elif isinstance(target, Mapping):
+        fields = dict(target)
+    else:
+        raise TypeError(f"target must be a name, a dict or a Target, not {type(target).__name__}")
+    if fields.get("kind") == "llvm":
+        fields.setdefault("num-cores", num_cores or os.cpu_count() or 1)
+    try:
+        return tvm.target.Target(fields)
+    except Exception as err:  # TVM raises its own error types
+        raise ValueError(f"invalid target {fields}: {err}") from None
