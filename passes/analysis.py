@@ -306,19 +306,36 @@ def plan_quantization(func: relax.Function, config) -> QuantPlan:  # noqa: C901 
     for layer in layers:
         layer.skipped = config.is_skipped(layer.name, layer.op)
 
-    # 4. Boundary tensors: function inputs and layer outputs that something consumes.
+    # 4. Boundary tensors: function inputs and layer outputs that an integer layer produces
+    #    or consumes (a tensor between two float-only ops is left alone).
+    member_layer: dict[relax.Var, Layer] = {}
+    for layer in layers:
+        for m in layer.members:
+            member_layer.setdefault(m, layer)
+    for r, members in region_members.items():  # region intermediates belong to their exits
+        for m in members:
+            if m not in member_layer:
+                exits = [lay for lay in layers if lay.kind == "unary" and lay.inputs == [r]]
+                if exits:
+                    member_layer[m] = exits[0]
+
+    def feeds_integer_layer(v: relax.Var) -> bool:
+        return any(
+            (lay := member_layer.get(u)) is not None and lay.integer for u in users.get(v, [])
+        )
+
     quantized: dict[relax.Var, str] = {}
     inherits: dict[relax.Var, relax.Var] = {}
     float_users: set[relax.Var] = set()
     for p in func.params:
-        if is_float_tensor(p) and users.get(p):
+        if is_float_tensor(p) and feeds_integer_layer(p):
             quantized[p] = p.name
     order = {b.var: i for i, b in enumerate(bindings)}
     for layer in sorted(layers, key=lambda lay: order[lay.output]):
         v = layer.output
-        if layer.skipped:
-            float_users.add(v)
         if not users.get(v) or layer.skipped:
+            continue
+        if not (layer.integer or feeds_integer_layer(v)):
             continue
         if layer.kind == "movement":
             src = layer.inputs[0]

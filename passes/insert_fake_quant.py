@@ -266,6 +266,10 @@ class InsertFakeQuant:
         if func.attrs is not None and FAKE_QUANT_ATTR in func.attrs:
             return mod  # already quantized
         plan = plan_quantization(func, self.config)
+        if not plan.quantized and not any(
+            layer.weight is not None and not layer.skipped for layer in plan.layers
+        ):
+            return mod  # nothing to quantize: leave the module alone
         qparams = {} if self.config.dynamic else activation_qparams(
             plan, self.config, self.ranges
         )

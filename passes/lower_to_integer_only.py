@@ -413,7 +413,7 @@ class _LowerMutator(relax.PyExprMutator):
         idx = self.emit(relax.op.astype(src.codes, "int32"))
         if lo:
             idx = self.emit(relax.op.subtract(idx, self._const(lo, "int32")))
-        return self.emit(relax.op.take(relax.const(table, out_dtype), idx, axis=0))
+        return self.emit(relax.op.take(relax.const(table, out_dtype), idx, axis=0, mode="clip"))
 
     # -- visitor ----------------------------------------------------------------------------
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -452,6 +452,18 @@ class _LowerMutator(relax.PyExprMutator):
         return new_var
 
 
+def _has_quantize(func: relax.Function) -> bool:
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and \
+                expr.op.name in ("relax.quantize", "relax.dequantize"):
+            found.append(expr)
+
+    relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
 class _NotUnary(Exception):
     pass
 
@@ -482,6 +494,8 @@ class LowerToIntegerOnly:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         func = mod[self.func_name]
+        if not _has_quantize(func):
+            return mod  # nothing simulated: leave the module alone
         mutator = _LowerMutator(mod)
         new_func = mutator.visit_expr(func)
         new_func = new_func.with_attr(INTEGER_ATTR, True)
