@@ -437,7 +437,10 @@ class _LowerMutator(relax.PyExprMutator):
             elif name == "relax.quantize":
                 codes, reason = self._lower_quantize(value)
                 if codes is not None:
-                    self.set_var_remap(var, codes)
+                    if isinstance(var, relax.DataflowVar):
+                        self.set_var_remap(var, codes)
+                    else:  # a function output: bind it, dataflow vars must not escape
+                        self._emit_binding(var, codes)
                     return
                 if self._producer(value.args[0]) is not None:  # else: the input quantize
                     self.fallbacks.append(f"{var.name.removesuffix('_q')}: {reason}")

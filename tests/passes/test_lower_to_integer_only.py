@@ -1,0 +1,162 @@
+"""LowerToIntegerOnly: structure (Before/Expected), fallbacks, and integer numerics."""
+
+import numpy as np
+import tvm
+from helpers import run_module, run_pass
+from tvm import relax
+
+from tvmquant.numerics import dyadic
+from tvmquant.passes import LowerToIntegerOnly
+from tvmquant.passes.lower_to_integer_only import FALLBACK_ATTR, INTEGER_ATTR
+
+
+def _c(v, dtype):
+    return relax.const(np.asarray(v).astype(dtype), dtype)
+
+
+def _qdq_function(build_body, in_dtype="uint8", shape=(1, 4, 6, 6)):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, in_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(build_body(bb, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _with_attrs(mod, fallbacks=()):
+    f = mod["main"].with_attr(INTEGER_ATTR, True).with_attr(FALLBACK_ATTR, list(fallbacks))
+    mod["main"] = f
+    return mod
+
+
+def test_requantize_with_equal_grids_is_identity():
+    def before(bb, x):
+        d = bb.emit(relax.op.dequantize(x, _c(0.5, "float32"), _c(3, "int32")))
+        return relax.op.quantize(d, _c(0.5, "float32"), _c(3, "int32"), out_dtype="uint8")
+
+    after = run_pass(LowerToIntegerOnly(), _qdq_function(before))
+    expected = _with_attrs(_qdq_function(lambda bb, x: x))
+    tvm.ir.assert_structural_equal(after, expected)
+
+
+def test_requantize_between_grids_is_dyadic():
+    s1, z1, s2, z2 = 0.05, 10, 0.03, 128
+
+    def before(bb, x):
+        d = bb.emit(relax.op.dequantize(x, _c(s1, "float32"), _c(z1, "int32")))
+        return relax.op.quantize(d, _c(s2, "float32"), _c(z2, "int32"), out_dtype="uint8")
+
+    def expected(bb, x):
+        d = dyadic(np.float64(np.float32(s1)) / np.float64(np.float32(s2)))
+        m0, sh = int(d.m0), int(d.shift)
+        v = bb.emit(relax.op.astype(x, "int32"))
+        v = bb.emit(relax.op.subtract(v, _c(z1, "int32")))
+        v = bb.emit(relax.op.astype(v, "int64"))
+        v = bb.emit(relax.op.multiply(v, _c(m0, "int64")))
+        v = bb.emit(relax.op.add(v, _c(1 << (sh - 1), "int64")))
+        v = bb.emit(relax.op.right_shift(v, _c(sh, "int64")))
+        v = bb.emit(relax.op.add(v, _c(z2, "int64")))
+        v = bb.emit(relax.op.clip(v, 0, 255))
+        return bb.emit(relax.op.astype(v, "uint8"))
+
+    after = run_pass(LowerToIntegerOnly(), _qdq_function(before))
+    tvm.ir.assert_structural_equal(after, _with_attrs(_qdq_function(expected)))
+    # and numerically: round(real value / s2) + z2 up to one step
+    x = np.arange(0, 144, dtype="uint8").reshape(1, 4, 6, 6)
+    got = run_module(after, x).astype(int)
+    ref = np.clip(np.round((x.astype(float) - z1) * np.float32(s1) / np.float32(s2)) + z2, 0, 255)
+    assert np.max(np.abs(got - ref)) <= 1
+
+
+def test_int8_conv_with_bias_and_relu():
+    rng = np.random.default_rng(0)
+    wq = rng.integers(-127, 128, (4, 4, 3, 3)).astype("int8")
+    ws = rng.uniform(0.01, 0.02, 4).astype("float32")
+    bias = rng.normal(0, 0.1, (1, 4, 1, 1)).astype("float32")
+    sx, so, zo = 0.1, 0.2, 0
+
+    def before(bb, x):
+        xd = bb.emit(relax.op.dequantize(x, _c(sx, "float32"), _c(0, "int32")))
+        wd = bb.emit(relax.op.dequantize(relax.const(wq, "int8"), relax.const(ws, "float32"),
+                                         _c(np.zeros(4), "int32"), axis=0))
+        c = bb.emit(relax.op.nn.conv2d(xd, wd, padding=1))
+        a = bb.emit(relax.op.add(c, relax.const(bias)))
+        r = bb.emit(relax.op.nn.relu(a))
+        return relax.op.quantize(r, _c(so, "float32"), _c(zo, "int32"), out_dtype="int8")
+
+    def expected(bb, x):
+        acc_scale = np.float32(sx) * ws.astype(np.float64)
+        acc = bb.emit(relax.op.nn.conv2d(x, relax.const(wq, "int8"), padding=1,
+                                         out_dtype="int32"))
+        bq = np.round(bias.reshape(-1) / acc_scale).astype("int32").reshape(1, 4, 1, 1)
+        acc = bb.emit(relax.op.add(acc, relax.const(bq, "int32")))
+        d = dyadic(acc_scale / np.float32(so))
+        m0 = d.m0.reshape(1, 4, 1, 1)
+        sh = d.shift.reshape(1, 4, 1, 1)
+        v = bb.emit(relax.op.astype(acc, "int64"))
+        v = bb.emit(relax.op.multiply(v, relax.const(m0, "int64")))
+        v = bb.emit(relax.op.add(v, relax.const(np.left_shift(1, sh - 1), "int64")))
+        v = bb.emit(relax.op.right_shift(v, relax.const(sh, "int64")))
+        v = bb.emit(relax.op.add(v, _c(zo, "int64")))
+        v = bb.emit(relax.op.clip(v, 0, 127))  # ReLU: the low bound is the zero point
+        return bb.emit(relax.op.astype(v, "int8"))
+
+    before_mod = _qdq_function(before, "int8")
+    after = run_pass(LowerToIntegerOnly(), before_mod)
+    tvm.ir.assert_structural_equal(after, _with_attrs(_qdq_function(expected, "int8")))
+    x = rng.integers(-128, 128, (1, 4, 6, 6)).astype("int8")
+    # integer result within one step of the float (fake-quant) computation
+    fq = _qdq_function(lambda bb, v: relax.op.dequantize(bb.emit(before(bb, v)),
+                                                          _c(so, "float32"), _c(zo, "int32")),
+                       "int8")
+    ref = np.round(run_module(fq, x) / so).astype(int)
+    got = run_module(after, x).astype(int)
+    assert np.max(np.abs(got - ref)) <= 1
+
+
+def test_op_without_rule_stays_float_and_is_reported():
+    def before(bb, x):
+        d = bb.emit(relax.op.dequantize(x, _c(0.1, "float32"), _c(0, "int32")))
+        s = bb.emit(relax.op.nn.softmax(d), name_hint="sm")
+        return relax.op.quantize(s, _c(1 / 255, "float32"), _c(0, "int32"), out_dtype="uint8")
+
+    after = run_pass(LowerToIntegerOnly(), _qdq_function(before, shape=(1, 10)))
+    assert "R.nn.softmax" in after.script()
+    fallbacks = [str(s) for s in after["main"].attrs[FALLBACK_ATTR]]
+    assert len(fallbacks) == 1 and "no integer rule for softmax" in fallbacks[0]
+
+
+def test_hard_swish_becomes_a_lookup_table():
+    sx, zx, so, zo = 0.05, 128, 0.04, 20
+
+    def hswish(bb, d):
+        h = bb.emit(relax.op.add(d, _c(3.0, "float32")))
+        h = bb.emit(relax.op.clip(h, 0, 6))
+        h = bb.emit(relax.op.multiply(d, h))
+        return bb.emit(relax.op.divide(h, _c(6.0, "float32")))
+
+    def before(bb, x):
+        d = bb.emit(relax.op.dequantize(x, _c(sx, "float32"), _c(zx, "int32")))
+        return relax.op.quantize(hswish(bb, d), _c(so, "float32"), _c(zo, "int32"),
+                                 out_dtype="uint8")
+
+    after = run_pass(LowerToIntegerOnly(), _qdq_function(before, shape=(1, 256)))
+    text = after.script()
+    assert "R.take" in text and "R.clip(lv" not in text.split("R.take")[1]
+    assert "float32" not in text.split("def main")[1].split("R.take")[1]
+    x = np.arange(256, dtype="uint8").reshape(1, 256)
+    got = run_module(after, x)
+    xs = (x.astype(np.float32) - zx) * np.float32(sx)
+    ref = np.clip(np.rint(xs * np.clip(xs + 3, 0, 6) / 6 / np.float32(so)) + zo, 0, 255)
+    assert np.max(np.abs(got.astype(int) - ref)) <= 1
+    assert [str(s) for s in after["main"].attrs[FALLBACK_ATTR]] == []
+
+
+def test_leaves_alone_float_module():
+    def body(bb, x):
+        return relax.op.nn.relu(x)
+
+    before = _qdq_function(body, "float32")
+    after = run_pass(LowerToIntegerOnly(), before)
+    tvm.ir.assert_structural_equal(after, before)
