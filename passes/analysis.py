@@ -23,7 +23,11 @@ from tvm import relax
 from .._compat import Constant, const_value, dtype_of, static_shape
 
 # Ops whose weights are quantized and that compute in integers (anchors of a fused layer).
-ANCHOR_OPS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
+ANCHOR_OPS = {
+    "relax.nn.conv2d": "conv2d",
+    "relax.nn.conv2d_transpose": "conv2d_transpose",
+    "relax.matmul": "matmul",
+}
 # Activation ops fused into an anchor's requantization as integer clamps.
 CLAMP_OPS = {"relax.nn.relu", "relax.clip"}
 # Elementwise ops that, applied to one tensor and scalar constants, form a unary function
@@ -39,10 +43,20 @@ MOVEMENT_OPS = {
     "relax.reshape", "relax.permute_dims", "relax.squeeze", "relax.expand_dims",
     "relax.flatten", "relax.strided_slice", "relax.nn.max_pool2d",
 }
+
+
+def is_movement(call: relax.Call) -> bool:
+    """Whether an op only moves or selects values (nearest resize included)."""
+    name = call.op.name
+    if name in MOVEMENT_OPS:
+        return True
+    return name == "relax.image.resize2d" and str(call.attrs.method) == "nearest_neighbor"
+
+
 # Binary ops with two activation inputs that have integer rules.
 BINARY_OPS = {"relax.add", "relax.multiply"}
 # Reductions with integer rules.
-POOL_OPS = {"relax.mean"}
+POOL_OPS = {"relax.mean", "relax.nn.avg_pool2d"}
 CONCAT_OPS = {"relax.concat"}
 
 # Ops with an integer rule in LowerToIntegerOnly (anything else falls back to float).
@@ -164,6 +178,17 @@ def _var_args(call: relax.Call) -> list[relax.Var]:
     return [a for a in call.args if isinstance(a, relax.Var)]
 
 
+def _used_vars(call: relax.Call) -> list[relax.Var]:
+    """Variables a call reads, including those inside tuple arguments (concat)."""
+    out = []
+    for a in call.args:
+        if isinstance(a, relax.Var):
+            out.append(a)
+        elif isinstance(a, relax.Tuple):
+            out.extend(f for f in a.fields if isinstance(f, relax.Var))
+    return out
+
+
 def plan_quantization(func: relax.Function, config) -> QuantPlan:  # noqa: C901 - one walk
     """Compute the :class:`QuantPlan` of a float function under a ``QuantConfig``."""
     bindings = function_bindings(func)
@@ -172,7 +197,7 @@ def plan_quantization(func: relax.Function, config) -> QuantPlan:  # noqa: C901 
     users: dict[relax.Var, list[relax.Var]] = collections.defaultdict(list)
     for b in bindings:
         if isinstance(b.value, relax.Call):
-            for a in _var_args(b.value):
+            for a in _used_vars(b.value):
                 users[a].append(b.var)
         elif isinstance(b.value, relax.Tuple):
             for a in b.value.fields:
@@ -217,7 +242,7 @@ def plan_quantization(func: relax.Function, config) -> QuantPlan:  # noqa: C901 
         members = [b.var]
         cur = b.var
         if shape is not None and weight is not None:
-            ch_axis = 1 if op == "relax.nn.conv2d" else len(shape) - 1
+            ch_axis = len(shape) - 1 if op == "relax.matmul" else 1
             nxt = users[cur][0] if single_use(cur) else None
             if (nxt is not None and _op_name(value_of[nxt]) == "relax.add"
                     and len(value_of[nxt].args) == 2):
@@ -261,7 +286,7 @@ def plan_quantization(func: relax.Function, config) -> QuantPlan:  # noqa: C901 
             region_members[r].append(v)
             continue
         root[v] = v
-        if op in MOVEMENT_OPS and len(act_args) == 1:
+        if is_movement(call) and len(act_args) == 1:
             kind = "movement"
         elif op in BINARY_OPS and len(act_args) == 2 and len(call.args) == 2:
             kind = "binary"
@@ -350,13 +375,16 @@ def plan_quantization(func: relax.Function, config) -> QuantPlan:  # noqa: C901 
 
 
 def weight_channel_axis(op: str, weight_ndim: int) -> int:
-    """The output-channel axis of an anchor's weight (OIHW conv2d: 0; matmul (K, N): -1)."""
-    return 0 if op == "conv2d" else weight_ndim - 1
+    """The output-channel axis of an anchor's weight.
+
+    OIHW conv2d: 0; IOHW conv2d_transpose: 1; matmul (K, N): the last axis.
+    """
+    return {"conv2d": 0, "conv2d_transpose": 1}.get(op, weight_ndim - 1)
 
 
 def weight_reduction_axis(op: str, weight_ndim: int) -> int:
     """The reduction (input-channel) axis of an anchor's weight."""
-    return 1 if op == "conv2d" else weight_ndim - 2
+    return {"conv2d": 1, "conv2d_transpose": 0}.get(op, weight_ndim - 2)
 
 
 def as_numpy(c: Constant) -> np.ndarray:

@@ -224,6 +224,11 @@ class _FakeQuantMutator(relax.PyExprMutator):
                 else:
                     args.append(self.visit_expr(a))
             new_value = relax.Call(value.op, args, value.attrs, value.ty_args)
+        elif isinstance(value, relax.Tuple) and var not in self.plan.float_users:
+            new_value = relax.Tuple([
+                self._fake_quant_of(f) if isinstance(f, relax.Var) and f in self.plan.quantized
+                else self.visit_expr(f) for f in value.fields
+            ])
         else:
             new_value = self.visit_expr(value)
         if isinstance(var, relax.DataflowVar):

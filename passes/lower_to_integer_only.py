@@ -39,7 +39,7 @@ from .._compat import Constant, const_value, dtype_of, static_shape
 from ..numerics import dequantize as np_dequantize
 from ..numerics import dyadic
 from ..numerics import quantize as np_quantize
-from .analysis import MOVEMENT_OPS
+from .analysis import is_movement
 
 FALLBACK_ATTR = "tvmquant.float_fallbacks"
 INTEGER_ATTR = "tvmquant.integer_only"
@@ -199,6 +199,21 @@ class _LowerMutator(relax.PyExprMutator):
                 groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW",
                 out_dtype="int32"))
             ch_axis, wsum = 1, wq.astype(np.int64).sum(axis=(1, 2, 3))
+        elif op == "relax.nn.conv2d_transpose":
+            attrs = call.attrs
+            if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "IOHW" or \
+                    w_axis % 4 != 1:
+                self._note_anchor_fallback(call, "layout other than NCHW/IOHW")
+                return None
+            # The input zero point is subtracted first: transposed convolutions have no input
+            # padding to fill, and int16 holds uint8 - zp.
+            data = self._shifted(a, "int16") if a.zp else a.codes
+            acc = self.emit(relax.op.nn.conv2d_transpose(
+                data, wconst, strides=attrs.strides, padding=attrs.padding,
+                output_padding=attrs.output_padding, dilation=attrs.dilation,
+                groups=int(attrs.groups), data_layout="NCHW", kernel_layout="IOHW",
+                out_dtype="int32"))
+            return _Acc(acc, a.scale * ws, 1, ndim)
         else:  # matmul with a constant (K, N) weight
             if wq.ndim != 2 or w_axis % 2 != 1:
                 return None
@@ -321,7 +336,7 @@ class _LowerMutator(relax.PyExprMutator):
 
     def _rule_movement(self, y, s, z, qmin, qmax, out_dtype):
         prod = self._producer(y)
-        if prod is None or prod.op.name not in MOVEMENT_OPS:
+        if prod is None or not isinstance(prod.op, tvm.ir.Op) or not is_movement(prod):
             return None
         q = self._as_dequantized(prod.args[0])
         if q is None:
@@ -333,6 +348,8 @@ class _LowerMutator(relax.PyExprMutator):
 
     def _rule_mean(self, y, s, z, qmin, qmax, out_dtype):
         prod = self._producer(y)
+        if prod is not None and prod.op.name == "relax.nn.avg_pool2d":
+            return self._avg_pool(prod, s, z, qmin, qmax, out_dtype)
         if prod is None or prod.op.name != "relax.mean":
             return None
         q = self._as_dequantized(prod.args[0])
@@ -344,6 +361,23 @@ class _LowerMutator(relax.PyExprMutator):
         x = self._shifted(q)
         total = self.emit(relax.op.sum(x, axis=axes, keepdims=bool(prod.attrs.keepdims)))
         return self._requant(total, np.float64(q.scale / (s * n)), 0, 0, z, qmin, qmax,
+                             out_dtype)
+
+    def _avg_pool(self, prod, s, z, qmin, qmax, out_dtype):
+        """Average pooling without padding: a depthwise convolution with ones, requantized."""
+        attrs = prod.attrs
+        q = self._as_dequantized(prod.args[0])
+        shape = static_shape(prod.args[0])
+        if q is None or shape is None or str(attrs.layout) != "NCHW" or \
+                any(int(p) for p in attrs.padding) or bool(attrs.ceil_mode) or \
+                any(int(d) != 1 for d in attrs.dilation):
+            return None
+        kh, kw = (int(k) for k in attrs.pool_size)
+        ones = np.ones((shape[1], 1, kh, kw), np.int8)
+        x = self._shifted(q, "int16")
+        total = self.emit(relax.op.nn.conv2d(x, relax.const(ones, "int8"), strides=attrs.strides,
+                                             groups=shape[1], out_dtype="int32"))
+        return self._requant(total, np.float64(q.scale / (s * kh * kw)), 0, 0, z, qmin, qmax,
                              out_dtype)
 
     def _rule_concat(self, y, s, z, qmin, qmax, out_dtype):
@@ -422,7 +456,7 @@ class _LowerMutator(relax.PyExprMutator):
         new_value = None
         if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
             name = value.op.name
-            if name in ("relax.nn.conv2d", "relax.matmul"):
+            if name in ("relax.nn.conv2d", "relax.nn.conv2d_transpose", "relax.matmul"):
                 info = self._lower_anchor(value)
                 if info is not None:
                     shape = _channel_shape(info.ndim, info.ch_axis, np.size(info.scale)) \
