@@ -24,6 +24,8 @@ lowering it with :class:`~tvmquant.passes.LowerToIntegerOnly`.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -40,6 +42,8 @@ from .analysis import (
 )
 
 FAKE_QUANT_ATTR = "tvmquant.fake_quant"
+
+logger = logging.getLogger(__name__)
 
 
 def quantize_weight(
@@ -67,10 +71,11 @@ def quantize_weight(
     moved = np.moveaxis(w, (ch_axis, red_axis), (0, 1))  # (C, K, ...)
     c, k = moved.shape[:2]
     if k % g:
-        raise ValueError(
-            f"per-group quantization needs the reduction size {k} to be a multiple of "
-            f"group_size={g}; choose a group size that divides it or use per_channel"
-        )
+        # A reduction too small or odd for the group (a first conv with 3 input channels):
+        # quantize per channel instead, as group-wise schemes do for such layers.
+        logger.info("reduction size %d is not a multiple of group_size=%d: per-channel "
+                    "weights for this layer", k, g)
+        return quantize_weight(w, spec.with_(granularity="per_channel", group_size=None), op)
     grouped = moved.reshape(c, k // g, g, *moved.shape[2:])
     flat = grouped.reshape(c * (k // g), -1)
     lo, hi = observe_range(spec.observer, spec, flat, axis=0)
@@ -181,7 +186,7 @@ class _FakeQuantMutator(relax.PyExprMutator):
         w = layer.weight.value.numpy()
         q, scale, zp, ch_axis = quantize_weight(w, spec, layer.op)
         wq = relax.const(q, spec.storage_dtype)
-        if spec.granularity is Granularity.PER_GROUP:
+        if spec.granularity is Granularity.PER_GROUP and np.ndim(scale) == 2:
             s = relax.const(_group_scale_tensor(scale, w.shape, layer.op, spec), "float32")
             return self.builder_.emit(
                 relax.op.multiply(relax.op.astype(wq, "float32"), s), name_hint=f"{layer.name}_w"

@@ -275,15 +275,18 @@ class _LowerMutator(relax.PyExprMutator):
         info = self.accs[cur]
         acc = info.acc
         if bias is not None:
-            nch = info.scale.size if np.ndim(info.scale) else None
-            bias_vec = np.broadcast_to(bias, _broadcast_shape(bias, info, nch)).reshape(-1) \
-                if nch else bias
-            if nch is None or bias_vec.size != nch:
+            nch = static_shape(acc)[info.ch_axis]
+            full = [1] * info.ndim
+            full[info.ch_axis] = nch
+            if bias.ndim > info.ndim:
                 return None
-            bq = np.round(bias_vec / info.scale).astype(np.int64)
-            bq = np.clip(bq, -(2**31), 2**31 - 1).astype(np.int32)
-            acc = self.emit(relax.op.add(acc, self._const(
-                bq.reshape(_channel_shape(info.ndim, info.ch_axis, nch)), "int32")))
+            padded = bias.reshape((1,) * (info.ndim - bias.ndim) + bias.shape)
+            if any(d not in (1, full[i]) for i, d in enumerate(padded.shape)):
+                return None  # not a per-channel bias
+            bias_vec = np.broadcast_to(padded, full).reshape(-1)
+            acc_scale = np.broadcast_to(np.asarray(info.scale, np.float64), (nch,))
+            bq = np.clip(np.round(bias_vec / acc_scale), -(2**31), 2**31 - 1).astype(np.int32)
+            acc = self.emit(relax.op.add(acc, self._const(bq.reshape(full), "int32")))
         return self._requant(acc, info.scale / s, info.ch_axis, info.ndim, z, lo, hi, out_dtype)
 
     def _rule_requant(self, y, s, z, qmin, qmax, out_dtype):
@@ -503,13 +506,6 @@ def _has_quantize(func: relax.Function) -> bool:
 
 class _NotUnary(Exception):
     pass
-
-
-def _broadcast_shape(bias: np.ndarray, info: _Acc, nch: int):
-    shape = list(bias.shape)
-    shape = [1] * (info.ndim - len(shape)) + shape
-    shape[info.ch_axis] = nch
-    return tuple(shape)
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvmquant.LowerToIntegerOnly")

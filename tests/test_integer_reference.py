@@ -171,3 +171,21 @@ def test_unknown_target_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown target 'x86-foo'"):
         tvmquant.resolve_target("x86-foo")
     assert tvm is not None
+
+
+@pytest.mark.parametrize("preset", ["int8-per-tensor", "w4a8"])
+def test_other_presets_quantize_and_stay_close(preset):
+    mod, _ = _model()
+    rng = np.random.default_rng(2)
+    calib = [{"x": rng.normal(0, 1, (1, 3, H, H)).astype("float32")} for _ in range(4)]
+    q = tvmquant.quantize(mod, calib, preset, progress=False)
+    x = calib[0]["x"]
+    ref = run_module(q.float_mod, x)
+    got = run_module(q.mod, x)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < (0.05 if preset != "w4a8" else 0.3)
+    if preset == "int8-per-tensor":  # per-tensor weights lower completely, bias included
+        assert q.report["lowering_fallbacks"] == []
+        assert [item["op"] for item in q.report["float_layers"]] == ["astype"]  # the output cast
+    else:  # per-group weights have no integer rule yet: reported as float layers
+        assert q.report["summary"]["float_layers"] >= 1
+        assert all(item["reason"] for item in q.report["float_layers"])

@@ -76,6 +76,12 @@ def build_report(plan: QuantPlan, config: QuantConfig, ranges: dict,
         attrs = integer_mod["main"].attrs
         if attrs is not None and FALLBACK_ATTR in attrs:
             fallbacks = [str(s) for s in attrs[FALLBACK_ATTR]]
+    # A quantized tensor whose producer the lowering left in float: that layer is float.
+    lowered_in_float = dict(f.split(": ", 1) for f in fallbacks if ": " in f)
+    for item in layers:
+        if item["integer"] and item["name"] in lowered_in_float:
+            item["integer"] = False
+            item["reason"] = lowered_in_float[item["name"]]
     float_layers = [
         {"name": item["name"], "op": item["op"], "reason": item.get("reason", "")}
         for item in layers if not item["integer"]
