@@ -244,10 +244,7 @@ class _FakeQuantMutator(relax.PyExprMutator):
         self.set_var_remap(var, new_var)
 
     def _in_dataflow(self) -> bool:
-        try:
-            return bool(self.builder_._is_in_dataflow_block())  # noqa: SLF001
-        except AttributeError:
-            return True
+        return bool(self.builder_.current_block_is_dataflow())
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvmquant.InsertFakeQuant")

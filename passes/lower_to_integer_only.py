@@ -484,7 +484,7 @@ class _LowerMutator(relax.PyExprMutator):
         self._emit_binding(var, new_value if new_value is not None else value)
 
     def _emit_binding(self, var, value):
-        if isinstance(var, relax.DataflowVar):
+        if isinstance(var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
             new_var = self.builder_.emit(value, name_hint=var.name)
         else:
             new_var = self.builder_.emit_output(value, name_hint=var.name)

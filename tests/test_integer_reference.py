@@ -189,3 +189,21 @@ def test_other_presets_quantize_and_stay_close(preset):
     else:  # per-group weights have no integer rule yet: reported as float layers
         assert q.report["summary"]["float_layers"] >= 1
         assert all(item["reason"] for item in q.report["float_layers"])
+
+
+def test_layer_errors_point_at_the_damaged_layer():
+    """Clip one layer's range hard: the per-layer report must blame that layer most."""
+    from tvmquant.diagnostics import layer_errors
+
+    mod, _ = _model()
+    rng = np.random.default_rng(4)
+    calib = [{"x": rng.normal(0, 1, (1, 3, H, H)).astype("float32")} for _ in range(4)]
+    q = tvmquant.quantize(mod, calib, "int8", progress=False)
+    rows = layer_errors(q, calib[:2])
+    assert {r["tensor"] for r in rows} >= {"x", "conv2d_0", "conv2d_1"}
+    assert all(r["sqnr_db"] > 20 for r in rows)
+    lo, hi = q.ranges["conv2d_1"]
+    q.ranges["conv2d_1"] = (lo / 20, hi / 20)  # a badly calibrated layer
+    rows = layer_errors(q, calib[:2])
+    worst = max(rows, key=lambda r: r["drop_db"])
+    assert worst["tensor"] == "conv2d_1" and worst["drop_db"] > 10
