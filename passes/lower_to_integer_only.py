@@ -225,6 +225,43 @@ class _LowerMutator(relax.PyExprMutator):
             acc = self.emit(relax.op.add(acc, self._const(corr, "int32")))
         return _Acc(acc, a.scale * ws, ch_axis, ndim)
 
+    def _lower_anchor_dynamic(self, call: relax.Call):
+        """Dynamic quantization: integer kernel, float rescale by the run-time input scale."""
+        op = call.op.name
+        prod = self._producer(call.args[0])
+        w = self._weight(call.args[1])
+        if prod is None or prod.op.name != "relax.dequantize" or w is None or \
+                op not in ("relax.nn.conv2d", "relax.matmul") or dtype_of(call) != "float32":
+            return None
+        codes, scale, zp = prod.args
+        wq, ws, w_axis = w
+        shape = static_shape(call)
+        if shape is None:
+            return None
+        x = self.emit(relax.op.astype(codes, "int16"))
+        x = self.emit(relax.op.subtract(x, relax.op.astype(zp, "int16")))
+        wconst = relax.const(wq, str(wq.dtype))
+        if op == "relax.nn.conv2d":
+            attrs = call.attrs
+            if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or \
+                    w_axis % 4 != 0:
+                return None
+            acc = self.emit(relax.op.nn.conv2d(
+                x, wconst, strides=attrs.strides, padding=attrs.padding,
+                dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32"))
+            ch_axis = 1
+        else:
+            if wq.ndim != 2 or w_axis % 2 != 1:
+                return None
+            acc = self.emit(relax.op.matmul(x, wconst, out_dtype="int32"))
+            ch_axis = len(shape) - 1
+        wscale = np.asarray(ws, np.float32)
+        if wscale.ndim:
+            wscale = wscale.reshape(_channel_shape(len(shape), ch_axis, wscale.size))
+        f = self.emit(relax.op.astype(acc, "float32"))
+        f = self.emit(relax.op.multiply(f, relax.const(wscale, "float32")))
+        return relax.op.multiply(f, scale)
+
     def _note_anchor_fallback(self, call, reason=None):
         if reason is None:
             reason = "weights not symmetric per-tensor/per-channel int (e.g. per-group)"
@@ -471,6 +508,10 @@ class _LowerMutator(relax.PyExprMutator):
                     new_var = self._emit_binding(var, rescaled)
                     self.accs[new_var] = info
                     return
+                dynamic = self._lower_anchor_dynamic(value)
+                if dynamic is not None:
+                    self._emit_binding(var, dynamic)
+                    return
             elif name == "relax.quantize":
                 codes, reason = self._lower_quantize(value)
                 if codes is not None:
@@ -479,7 +520,11 @@ class _LowerMutator(relax.PyExprMutator):
                     else:  # a function output: bind it, dataflow vars must not escape
                         self._emit_binding(var, codes)
                     return
-                if self._producer(value.args[0]) is not None:  # else: the input quantize
+                dynamic = _scalar(value.args[1]) is None and \
+                    not isinstance(value.args[1], Constant)
+                if self._producer(value.args[0]) is not None and not dynamic:
+                    # (the input quantize, and run-time quantization of dynamic configs,
+                    # are where float is expected)
                     self.fallbacks.append(f"{var.name.removesuffix('_q')}: {reason}")
         self._emit_binding(var, new_value if new_value is not None else value)
 

@@ -173,7 +173,7 @@ def test_unknown_target_is_a_clear_error():
     assert tvm is not None
 
 
-@pytest.mark.parametrize("preset", ["int8-per-tensor", "w4a8"])
+@pytest.mark.parametrize("preset", ["int8-per-tensor", "w4a8", "int8-dynamic"])
 def test_other_presets_quantize_and_stay_close(preset):
     mod, _ = _model()
     rng = np.random.default_rng(2)
@@ -183,6 +183,11 @@ def test_other_presets_quantize_and_stay_close(preset):
     ref = run_module(q.float_mod, x)
     got = run_module(q.mod, x)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < (0.05 if preset != "w4a8" else 0.3)
+    if preset == "int8-dynamic":  # integer kernels, float rescale by the run-time scale
+        text = q.mod["main"].script()
+        assert text.count('out_dtype="int32"') == 2 and "R.max(" in text
+        assert q.report["lowering_fallbacks"] == []
+        return
     if preset == "int8-per-tensor":  # per-tensor weights lower completely, bias included
         assert q.report["lowering_fallbacks"] == []
         assert [item["op"] for item in q.report["float_layers"]] == ["astype"]  # the output cast
