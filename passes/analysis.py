@@ -360,8 +360,8 @@ def plan_quantization(func: relax.Function, config) -> QuantPlan:  # noqa: C901 
         v = layer.output
         if not users.get(v) or layer.skipped:
             continue
-        if not (layer.integer or feeds_integer_layer(v)):
-            continue
+        if not feeds_integer_layer(v):
+            continue  # only float ops consume it: quantizing it would only add error
         if layer.kind == "movement":
             src = layer.inputs[0]
             if src in quantized:

@@ -2,7 +2,8 @@
 
 Phases
 ------
-1. Canonicalize: fold BatchNorm into the weights it scales, fold constant arithmetic.
+1. Canonicalize: fold BatchNorm into the weights it scales, put decomposed LayerNorms back
+   together, fold constant arithmetic.
 2. Simulate: insert quantize/dequantize pairs (needs calibrated ranges for static configs).
 3. Lower: rewrite the QDQ graph into integer arithmetic, drop the dead float ops.
 
@@ -19,6 +20,7 @@ from tvm import relax
 
 from ..config import QuantConfig
 from .fold_batch_norm import FoldBatchNorm
+from .fuse_layer_norm import FuseLayerNorm
 from .insert_fake_quant import InsertFakeQuant
 from .lower_to_integer_only import LowerToIntegerOnly
 
@@ -29,6 +31,7 @@ def canonicalize_pipeline() -> tvm.transform.Pass:
         [
             relax.transform.FoldConstant(),
             FoldBatchNorm(),
+            FuseLayerNorm(),
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(),
         ],

@@ -29,8 +29,9 @@ class QuantSpec:
     Parameters
     ----------
     bits : int
-        Width of the integer grid, 1 to 8. Values below 8 are stored in an 8-bit container
-        until a packed kernel takes them (sub-byte packing is a lowering concern).
+        Width of the integer grid: 1 to 8, or 16 (for high-precision intermediate tensors
+        such as the input of a lookup-table activation). Values below 8 are stored in an
+        8-bit container until a packed kernel takes them (packing is a lowering concern).
     signed : bool
         Signed grid (``[-2^(b-1), 2^(b-1)-1]``) or unsigned (``[0, 2^b-1]``).
     symmetric : bool
@@ -60,8 +61,10 @@ class QuantSpec:
     observer: str = "minmax"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
-            raise ValueError(f"QuantSpec.bits must be an integer in 1..8, got {self.bits!r}")
+        if not isinstance(self.bits, int) or not (1 <= self.bits <= 8 or self.bits == 16):
+            raise ValueError(
+                f"QuantSpec.bits must be an integer in 1..8, or 16, got {self.bits!r}"
+            )
         object.__setattr__(self, "granularity", Granularity(self.granularity))
         if self.granularity is Granularity.PER_GROUP:
             if self.group_size is None or self.group_size < 1:
@@ -95,8 +98,9 @@ class QuantSpec:
 
     @property
     def storage_dtype(self) -> str:
-        """The 8-bit container dtype of the integer codes."""
-        return "int8" if self.signed else "uint8"
+        """The container dtype of the integer codes (8 bits, or 16 for 16-bit grids)."""
+        width = 16 if self.bits > 8 else 8
+        return f"int{width}" if self.signed else f"uint{width}"
 
     @property
     def elements_per_byte(self) -> int:
@@ -104,7 +108,7 @@ class QuantSpec:
         for width in (1, 2, 4, 8):
             if self.bits <= width:
                 return 8 // width
-        raise AssertionError("unreachable")  # bits validated in __post_init__
+        return 1  # 16-bit codes: half an element per byte, reported as 1 (not packed)
 
     def with_(self, **changes) -> QuantSpec:
         """A copy with some fields changed (validated again)."""

@@ -1,0 +1,348 @@
+"""u8 x s8 -> s32 dense (matmul) kernels for x86, tensorized with AVX-512 VNNI ``vpdpbusd``.
+
+Computes ``C[M, N] = epilogue(A[M, K] @ W^T)`` with
+
+- ``A``: uint8 activations, row-major ``[M, K]`` (any ``M``, ``K``);
+- ``W``: int8 weights **pre-packed** by :func:`pack_weight` into
+  ``[ceil(N/16), ceil(K/4), 16, 4]``: ``packed[n // 16, k // 4, n % 16, k % 4] = w[n, k]``,
+  zero padded, so that each 16 (outputs) x 4 (reduction) block that one ``vpdpbusd`` consumes
+  is 64 contiguous bytes;
+- the optional fused epilogue (per output column ``n``), the same arithmetic as
+  :func:`tvmquant.numerics.requantize` and ``LowerToIntegerOnly``::
+
+      acc = acc + bias[n]                                   (int32, wrapping)
+      y   = (int64(acc) * m0[n] + (shift[n] > 0 ? 1 << (shift[n] - 1) : 0)) >> shift[n]
+      out = cast(clip(y + zero_point, lo, hi), out_dtype)   (uint8 or int8)
+
+PrimFunc parameters, in order: ``A, W, [bias], [m0, shift], C`` (``bias``, ``m0`` and
+``shift`` are int32 ``[N]``; ``zero_point``, ``lo``, ``hi`` are compile-time constants).
+
+Schedule: output tiles of ``mb`` rows x ``nb * 16`` columns, accumulated in registers
+(``mb * nb`` zmm accumulators), tiles spread over the cores with a parallel outer loop, full
+reduction over ``K`` inside the tile (``k`` outer, then ``mb`` x ``nb`` unrolled
+``vpdpbusd``: ``nb`` 64-byte weight loads and ``mb`` 4-byte broadcasts per step), then the
+epilogue on the tile while it is still in L1. Tails never put a predicate in the hot loop:
+the accumulator covers ``ceil(M/mb)*mb`` rows and ``ceil(N/(16 nb))*16 nb`` columns, the extra
+ones re-reading row ``M-1`` / the last weight block (clamped indices), and ``C`` keeps the
+``M x N`` part. Optional ``kc`` blocks the reduction (see :func:`schedule_int8_dense`).
+
+Threads: TVM's CPU runtime uses half the logical CPUs by default on x86 (it assumes SMT), i.e.
+ONE thread on a 2-vCPU machine; set ``TVM_NUM_THREADS`` (before the runtime starts) to use all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+from tvmquant.numerics import Dyadic, requantize
+
+from .vnni_intrin import AVX2_INTRIN, AVX2_LANES, DOT_K, VNNI_INTRIN, VNNI_LANES
+
+LANES = VNNI_LANES  # 16 output columns per vpdpbusd
+KBLOCK = DOT_K  # 4 reduction elements per lane
+
+
+def _ceil_to(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def packed_weight_shape(n: int, k: int) -> tuple[int, int, int, int]:
+    """Shape of :func:`pack_weight`'s result for an ``N x K`` weight."""
+    return (_ceil_to(n, LANES) // LANES, _ceil_to(k, KBLOCK) // KBLOCK, LANES, KBLOCK)
+
+
+def pack_weight(w: np.ndarray, layout: str) -> np.ndarray:
+    """Pack an int8 weight into ``[ceil(N/16), ceil(K/4), 16, 4]`` (zero padded).
+
+    ``layout`` says how ``w`` is laid out: ``"NK"`` (out, in: ``nn.Linear``/dense) or
+    ``"KN"`` (in, out: the ``B`` of ``matmul(A, B)``). It is required, because a square
+    weight cannot tell.
+    """
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"pack_weight wants a 2-D weight, got shape {w.shape}")
+    if w.dtype != np.int8:
+        raise TypeError(f"pack_weight wants int8 weights, got {w.dtype}")
+    if layout == "KN":
+        w = w.T
+    elif layout != "NK":
+        raise ValueError(f"layout must be 'NK' or 'KN', got {layout!r}")
+    n, k = w.shape
+    np_, kp = _ceil_to(n, LANES), _ceil_to(k, KBLOCK)
+    padded = np.zeros((np_, kp), dtype=np.int8)
+    padded[:n, :k] = w
+    packed = padded.reshape(np_ // LANES, LANES, kp // KBLOCK, KBLOCK).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(packed)
+
+
+def unpack_weight(packed: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Inverse of ``pack_weight(w, "NK")``: the ``[N, K]`` weight."""
+    nb, kb, lanes, kblk = packed.shape
+    return packed.transpose(0, 2, 1, 3).reshape(nb * lanes, kb * kblk)[:n, :k]
+
+
+@dataclass(frozen=True)
+class Requant:
+    """Compile-time part of the fused dyadic requantization (``m0``, ``shift`` are inputs)."""
+
+    zero_point: int
+    lo: int
+    hi: int
+    out_dtype: str = "uint8"  # "uint8" or "int8"
+
+    def __post_init__(self):
+        if self.out_dtype not in ("uint8", "int8"):
+            raise ValueError(f"out_dtype must be uint8 or int8, got {self.out_dtype}")
+        info = np.iinfo(self.out_dtype)
+        if not (info.min <= self.lo <= self.hi <= info.max):
+            raise ValueError(f"clamp [{self.lo}, {self.hi}] outside {self.out_dtype}")
+
+
+def epilogue_reference(
+    acc: np.ndarray,
+    bias: np.ndarray | None = None,
+    m0: np.ndarray | None = None,
+    shift: np.ndarray | None = None,
+    requant: Requant | None = None,
+    axis: int = -1,
+) -> np.ndarray:
+    """NumPy reference of the fused epilogue on int32 accumulators (channels on ``axis``)."""
+    acc = np.asarray(acc, dtype=np.int32)
+    shape = [1] * acc.ndim
+    shape[axis] = -1
+    if bias is not None:
+        b = np.asarray(bias, np.int64).reshape(shape)
+        acc = (acc.astype(np.int64) + b).astype(np.int32)  # int32 wrap-around
+    if requant is None:
+        return acc
+    d = Dyadic(m0=np.asarray(m0, np.int64), shift=np.asarray(shift, np.int64))
+    y = requantize(acc, d, requant.zero_point, requant.lo, requant.hi, axis=axis % acc.ndim)
+    return y.astype(requant.out_dtype)
+
+
+def _epilogue_expr(x, n, bias, m0, shift, requant: Requant | None):
+    if bias is not None:
+        x = x + bias[n]
+    if requant is None:
+        return x
+    sh = shift[n].astype("int64")
+    one = tirx.const(1, "int64")
+    half = tirx.if_then_else(sh > 0, tirx.shift_left(one, sh - one), tirx.const(0, "int64"))
+    y = tirx.shift_right(x.astype("int64") * m0[n].astype("int64") + half, sh)
+    y = y + tirx.const(requant.zero_point, "int64")
+    y = tirx.max(tirx.min(y, tirx.const(requant.hi, "int64")), tirx.const(requant.lo, "int64"))
+    return y.astype(requant.out_dtype)
+
+
+def _isa_intrin(isa: str) -> tuple[str, int]:
+    if isa == "avx512_vnni":
+        return VNNI_INTRIN, VNNI_LANES
+    if isa == "avx2":
+        return AVX2_INTRIN, AVX2_LANES
+    raise ValueError(f"isa must be 'avx512_vnni' or 'avx2', got {isa!r}")
+
+
+def default_tiles(m: int, n: int, isa: str = "avx512_vnni") -> tuple[int, int]:
+    """Register tile ``(mb, nb)`` for an ``M x N`` output: ``mb`` rows x ``nb`` 16-col blocks.
+
+    ``mb * nb`` zmm accumulators stay in registers (AVX-512 has 32). Tails are handled by
+    computing a few redundant rows/blocks (see :func:`int8_dense_compute`), so the choice
+    minimises that waste.
+    """
+    nblk = _ceil_to(n, LANES) // LANES
+    if isa == "avx2":  # 16 ymm registers: 2 rows x 2 blocks x 2 halves
+        mb, nbs = min(m, 2), (2, 1)
+    else:
+        mb, nbs = min(m, 4), (4, 3, 2, 1)
+    nb = min(nbs, key=lambda b: (_ceil_to(nblk, b) - nblk, -b)) if nblk > 1 else 1
+    return mb, nb
+
+
+def int8_dense_compute(
+    m: int,
+    n: int,
+    k: int,
+    *,
+    bias: bool = False,
+    requant: Requant | None = None,
+    mb: int = 1,
+    nb: int = 1,
+) -> tirx.PrimFunc:
+    """The unscheduled PrimFunc: blocks ``A_pad`` (only if ``K % 4``), ``acc`` and ``C``.
+
+    ``acc`` covers ``ceil(M/mb)*mb`` rows and ``ceil(N/(16 nb))*16 nb`` columns so that every
+    register tile is full: the extra rows re-read row ``M-1`` of ``A`` and the extra column
+    blocks re-read the last weight block (clamped indices, no predicate in the inner loop);
+    ``C`` keeps only the first ``M x N``.
+    """
+    nblk, kblk, _, _ = packed_weight_shape(n, k)
+    kp = kblk * KBLOCK
+    mp = _ceil_to(m, mb)
+    npp = _ceil_to(nblk, nb) * LANES
+    a = te.placeholder((m, k), "uint8", name="A")
+    w = te.placeholder((nblk, kblk, LANES, KBLOCK), "int8", name="W")
+    if kp != k:
+        a_in = te.compute(
+            (m, kp),
+            lambda i, j: tirx.if_then_else(j < k, a[i, j], tirx.const(0, "uint8")),
+            name="A_pad",
+        )
+    else:
+        a_in = a
+
+    def row(i):
+        return tirx.min(i, m - 1) if mp != m else i
+
+    def blk(j):
+        return tirx.min(j // LANES, nblk - 1) if npp != nblk * LANES else j // LANES
+
+    r = te.reduce_axis((0, kp), name="k")
+    acc = te.compute(
+        (mp, npp),
+        lambda i, j: te.sum(
+            a_in[row(i), r].astype("int32")
+            * w[blk(j), r // KBLOCK, j % LANES, r % KBLOCK].astype("int32"),
+            axis=r,
+        ),
+        name="acc",
+    )
+    params = [a, w]
+    b_t = m0_t = sh_t = None
+    if bias:
+        b_t = te.placeholder((n,), "int32", name="bias")
+        params.append(b_t)
+    if requant is not None:
+        m0_t = te.placeholder((n,), "int32", name="m0")
+        sh_t = te.placeholder((n,), "int32", name="shift")
+        params += [m0_t, sh_t]
+    c = te.compute(
+        (m, n), lambda i, j: _epilogue_expr(acc[i, j], j, b_t, m0_t, sh_t, requant), name="C"
+    )
+    return te.create_prim_func([*params, c])
+
+
+def schedule_int8_dense(
+    func: tirx.PrimFunc,
+    *,
+    mb: int,
+    nb: int,
+    kc: int | None = None,
+    isa: str = "avx512_vnni",
+) -> tvm.IRModule:
+    """Tile, parallelise and tensorize a PrimFunc made by :func:`int8_dense_compute`.
+
+    ``mb``/``nb`` must be the values the PrimFunc was made with. ``kc`` (a multiple of 4
+    dividing the padded K, or None for all of K) blocks the reduction for the caches: the
+    ``nb*16 x kc`` weight slice is reused by every row tile of a column panel before moving
+    on, and the accumulators of the whole panel then live in a per-thread buffer.
+    ``isa="avx2"`` tensorizes each 16x4 block as two exact 8x4 AVX2 blocks (same packed
+    weights; build it for an AVX2 target, e.g. ``mcpu="haswell"``).
+    """
+    intrin, lanes = _isa_intrin(isa)
+    sch = Schedule(func)
+    acc = sch.get_sblock("acc")
+    loop_m, loop_n, loop_k = sch.get_loops(acc)
+    kp = int(sch.get(loop_k).extent)
+    if kc is not None and (kc <= 0 or kc % KBLOCK or kp % kc):
+        raise ValueError(f"kc={kc} must be a positive multiple of 4 dividing K padded ({kp})")
+    if kc is not None and kc >= kp:
+        kc = None
+    mo, mi = sch.split(loop_m, [None, mb])
+    no, n1, ni = sch.split(loop_n, [None, nb, LANES])
+    c_blk = sch.get_sblock("C")
+    if kc is None:
+        ko, ki = sch.split(loop_k, [None, KBLOCK])
+        sch.reorder(no, mo, ko, mi, n1, ni, ki)
+        outer = sch.fuse(no, mo)
+        sch.parallel(outer)
+        sch.reverse_compute_at(c_blk, outer)
+        init = sch.decompose_reduction(acc, ko)
+    else:
+        kco, ko, ki = sch.split(loop_k, [None, kc // KBLOCK, KBLOCK])
+        sch.reorder(no, kco, mo, ko, mi, n1, ni, ki)
+        outer = no
+        sch.parallel(outer)
+        sch.reverse_compute_at(c_blk, outer)
+        init = sch.decompose_reduction(acc, kco)
+    if lanes != LANES:
+        nh, ni = sch.split(ni, [None, lanes])
+    sch.tensorize(ni, intrin)
+    if lanes != LANES:
+        sch.unroll(nh)
+    # After tensorize: the intrinsic's description declares global-scope buffers.
+    if kc is None:
+        sch.set_scope(init, 0, "local")
+    sch.unroll(mi)
+    sch.unroll(n1)
+    sch.vectorize(sch.get_loops(init)[-1])
+    # epilogue on the tile, vectorised over 16 lanes
+    cl = sch.get_loops(c_blk)
+    sch.vectorize(sch.split(cl[-1], [None, LANES])[1])
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    if "A_pad" in names:
+        pad = sch.get_sblock("A_pad")
+        pl = sch.get_loops(pad)
+        sch.parallel(pl[0])
+    return sch.mod
+
+
+def int8_dense(
+    m: int,
+    n: int,
+    k: int,
+    *,
+    bias: bool = False,
+    requant: Requant | None = None,
+    mb: int | None = None,
+    nb: int | None = None,
+    kc: int | None = None,
+    isa: str = "avx512_vnni",
+) -> tvm.IRModule:
+    """Scheduled, tensorized IRModule (PrimFunc ``"main"``) of the dense kernel.
+
+    ``A`` is ``[m, k]`` uint8, ``W`` is ``pack_weight(w, ...)`` of an ``n x k`` int8 weight.
+    """
+    dmb, dnb = default_tiles(m, n, isa)
+    mb, nb = mb or dmb, nb or dnb
+    func = int8_dense_compute(m, n, k, bias=bias, requant=requant, mb=mb, nb=nb)
+    return schedule_int8_dense(func, mb=mb, nb=nb, kc=kc, isa=isa)
+
+
+def default_target(isa: str = "avx512_vnni", num_cores: int = 2) -> tvm.target.Target:
+    """LLVM target for the kernels: ``cascadelake`` (AVX-512 VNNI) or ``haswell`` (AVX2)."""
+    mcpu = {"avx512_vnni": "cascadelake", "avx2": "haswell"}[isa]
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": num_cores})
+
+
+def build_int8_dense(
+    m: int,
+    n: int,
+    k: int,
+    *,
+    bias: bool = False,
+    requant: Requant | None = None,
+    target: tvm.target.Target | None = None,
+    mb: int | None = None,
+    nb: int | None = None,
+    kc: int | None = None,
+    isa: str = "avx512_vnni",
+):
+    """Compile :func:`int8_dense`; returns ``tvm.compile``'s executable (function ``"main"``)."""
+    mod = int8_dense(m, n, k, bias=bias, requant=requant, mb=mb, nb=nb, kc=kc, isa=isa)
+    return tvm.compile(mod, target or default_target(isa))
+
+
+def kernel_for_relax(mod: tvm.IRModule, name: str) -> tirx.PrimFunc:
+    """The scheduled PrimFunc of ``mod`` renamed ``name``, ready for ``BlockBuilder.add_func``.
+
+    The builders return modules whose PrimFunc is ``"main"`` (what ``tvm.compile`` of a lone
+    kernel wants); inside a Relax module that symbol clashes with the Relax ``main``. Call it
+    with ``relax.call_tir(gv, [x, relax.const(packed_weight), ...], out_ty)``: the kernel
+    keeps its schedule (and its ``vpdpbusd``) through ``tvm.compile`` of the Relax module.
+    """
+    return mod["main"].with_attr("global_symbol", name)

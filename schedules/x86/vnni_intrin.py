@@ -1,0 +1,163 @@
+"""x86 int8 dot-product tensor intrinsics (AVX-512 VNNI, AVX2 fallback).
+
+Registered under tvmquant's own names (never over TVM's upstream ``dot_16x4_vnni``):
+
+``tvmquant_dot_16x4_vnni`` (:data:`VNNI_INTRIN`)
+    ``C[i] += sum_k int32(A[k]) * int32(B[i, k])`` for ``i < 16``, ``k < 4``; ``A`` uint8[4]
+    (broadcast to all 16 lanes), ``B`` int8[16, 4], ``C`` int32[16]. One ``vpdpbusd zmm``.
+    ``B`` must be one contiguous 64-byte block (strides ``[4, 1]``): the weights are packed
+    ``N/16 x K/4 x 16 x 4`` (see :func:`tvmquant.schedules.x86.int8_dense.pack_weight`) so
+    that this holds. The description declares those strides, so tensorizing onto an unpacked
+    ``(N, K)`` weight fails to compile instead of silently reading the wrong bytes.
+
+``tvmquant_dot_8x4_avx2_exact`` (:data:`AVX2_INTRIN`)
+    Same contract with 8 output lanes (``B`` int8[8, 4] contiguous, 32 bytes), for AVX2
+    machines without VNNI. Exact for every uint8 x int8 input: the operands are widened to
+    int16 (``vpmovzxbw``/``vpmovsxbw``) and multiplied with ``vpmaddwd``, then the pair sums
+    are added with ``vphaddd`` and put back in order with ``vpermq``. (The classic
+    ``vpmaddubsw`` sequence is NOT used: its int16 pair sums saturate, e.g. 255*127*2.)
+
+Why not TVM's own ``dot_16x4_vnni``: it passes ``int32x16`` operands to
+``llvm.x86.avx512.vpdpbusd.512``, but the LLVM inside the apache-tvm 0.27 wheel declares that
+intrinsic with ``<64 x i8>`` operands, so the LLVM module fails verification. Here the
+broadcast activations are reinterpreted as ``uint8x64`` and the weights loaded as ``int8x64``.
+
+Importing this module registers both intrinsics (idempotently).
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+VNNI_INTRIN = "tvmquant_dot_16x4_vnni"
+AVX2_INTRIN = "tvmquant_dot_8x4_avx2_exact"
+
+#: Output lanes and reduction depth of each intrinsic.
+VNNI_LANES, AVX2_LANES, DOT_K = 16, 8, 4
+
+
+# ---------------------------------------------------------------------------------------------
+# AVX-512 VNNI: 16 x 4
+# ---------------------------------------------------------------------------------------------
+@T.prim_func(s_tir=True)
+def _vnni_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", strides=[4, 1], offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _vnni_impl(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", strides=[4, 1], offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        # No named temporaries here: in TVMScript 0.27 ``x: T.int32 = ...`` inside a prim_func
+        # becomes a buffer, which the lowering turns into workspace allocations per call site
+        # (``x: T.let = ...`` is the immutable-value form).
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            # the 4 activation bytes, as one int32 broadcast to 16 lanes, seen as 64 x u8
+            T.reinterpret(
+                T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+                dtype="uint8x64",
+            ),
+            B.vload([0, 0], dtype="int8x64"),  # the contiguous 16 x 4 weight block
+            dtype="int32x16",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# AVX2 (exact, no VNNI): 8 x 4
+# ---------------------------------------------------------------------------------------------
+@T.prim_func(s_tir=True)
+def _avx2_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((8, 4), "int8", strides=[4, 1], offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _avx2_impl(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((8, 4), "int8", strides=[4, 1], offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        # a = (a0 a1 a2 a3) x 4 as 16 x int16 (zero-extended); rows 0-3 / 4-7 of B as 16 x
+        # int16 (sign-extended); vpmaddwd gives [r0k01, r0k23, r1k01, r1k23, ..] per half;
+        # vphaddd works per 128-bit lane: [r0, r1, r4, r5, r2, r3, r6, r7]; the shuffle
+        # restores the order.
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.Shuffle(
+            [
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d"),
+                    T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                        T.cast(
+                            T.reinterpret(
+                                T.broadcast(
+                                    T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 4
+                                ),
+                                dtype="uint8x16",
+                            ),
+                            "int16x16",
+                        ),
+                        T.cast(B.vload([0, 0], dtype="int8x16"), "int16x16"),
+                        dtype="int32x8",
+                    ),
+                    T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                        T.cast(
+                            T.reinterpret(
+                                T.broadcast(
+                                    T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 4
+                                ),
+                                dtype="uint8x16",
+                            ),
+                            "int16x16",
+                        ),
+                        T.cast(B.vload([4, 0], dtype="int8x16"), "int16x16"),
+                        dtype="int32x8",
+                    ),
+                    dtype="int32x8",
+                )
+            ],
+            [0, 1, 4, 5, 2, 3, 6, 7],
+        )
+
+
+def register() -> None:
+    """Register both intrinsics under tvmquant's names (no-op when already registered)."""
+    if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(VNNI_INTRIN, _vnni_desc, _vnni_impl)
+    if TensorIntrin.get(AVX2_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(AVX2_INTRIN, _avx2_desc, _avx2_impl)
+
+
+register()
