@@ -81,13 +81,15 @@ def find_layer_norms(func: relax.Function) -> dict[relax.Var, tuple]:
         if _call(p, "relax.power"):
             if _scalar_const(p.args[1]) != 2.0 or not p.args[0].same_as(d):
                 continue
+            d_uses = 2  # the square and the division
         elif _call(p, "relax.multiply"):
             if not (p.args[0].same_as(d) and p.args[1].same_as(d)):
                 continue
+            d_uses = 3  # twice in d * d, once in the division
         else:
             continue
         sub = producer(d)
-        if not _call(sub, "relax.subtract") or uses.get(d) != 2:
+        if not _call(sub, "relax.subtract") or uses.get(d) != d_uses:
             continue
         x, m = sub.args
         mean = producer(m)
