@@ -133,6 +133,8 @@ class QuantPlan:
     float_users: set[relax.Var]
     bindings: dict[relax.Var, relax.Expr]
     names: dict[relax.Var, str]
+    # Quantized tensors read only by lookup-table (unary) activations.
+    lut_only: set[relax.Var] = field(default_factory=set)
 
     def layer_of(self, var: relax.Var) -> Layer | None:
         for layer in self.layers:
@@ -370,7 +372,12 @@ def plan_quantization(func: relax.Function, config) -> QuantPlan:  # noqa: C901 
     for layer in layers:
         if layer.skipped:
             float_users.update(layer.members)
-    return QuantPlan(layers=layers, quantized=quantized, inherits=inherits,
+    lut_only = {
+        v for v in quantized
+        if v not in inherits and users.get(v)
+        and all(u in region_members.get(v, ()) for u in users[v])
+    }
+    return QuantPlan(layers=layers, quantized=quantized, inherits=inherits, lut_only=lut_only,
                      float_users=float_users, bindings=value_of, names=names)
 
 

@@ -109,8 +109,12 @@ def activation_qparams(
             out[name] = out[plan.quantized[plan.inherits[var]]]
             continue
         layer = layers.get(var)
-        spec = (config.activation_spec(layer.name, layer.op) if layer is not None
-                else config.activation)
+        if layer is None:
+            spec = config.activation
+        elif var in plan.lut_only:
+            spec = config.lut_input_spec(layer.name, layer.op)
+        else:
+            spec = config.activation_spec(layer.name, layer.op)
         if name not in ranges:
             raise ValueError(
                 f"no calibrated range for tensor {name!r}; run calibration on this module "

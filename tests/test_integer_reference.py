@@ -215,3 +215,31 @@ def test_layer_errors_point_at_the_damaged_layer():
     rows = layer_errors(q, calib[:2])
     worst = max(rows, key=lambda r: r["drop_db"])
     assert worst["tensor"] == "conv2d_1" and worst["drop_db"] > 10
+
+
+def test_lookup_table_inputs_are_16_bit():
+    """A tensor only a LUT activation reads (here: before hard-swish) gets an int16 grid."""
+    from dataclasses import replace
+
+    from tvmquant.testing import random_inputs, small_convnet
+
+    calib = random_inputs(4)
+    q = tvmquant.quantize(small_convnet(), calib, "int8", progress=False)
+    dtypes = {t["name"]: t["dtype"] for t in q.report["tensors"]}
+    assert dtypes["conv2d_2"] == "int16"  # feeds only the hard-swish table
+    assert dtypes["conv2d_0"] == "uint8"  # feeds a convolution
+    tables = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.take":
+            tables.append(tuple(int(d) for d in e.args[0].ty.shape))
+
+    relax.analysis.post_order_visit(q.mod["main"], visit)
+    assert (65536,) in tables
+    assert q.report["lowering_fallbacks"] == []
+    x = random_inputs(1, seed=3)[0]["x"]
+    fq, it = run_module(q.fake_quant_mod, x), run_module(q.mod, x)
+    assert np.linalg.norm(fq - it) / np.linalg.norm(fq) < 0.01
+    q8 = tvmquant.quantize(small_convnet(), calib, replace(q.config, lut_input_bits=8),
+                           progress=False)
+    assert {t["name"]: t["dtype"] for t in q8.report["tensors"]}["conv2d_2"] == "uint8"

@@ -10,7 +10,7 @@ given model whatever its variables are called.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .spec import Granularity, QuantSpec
 
@@ -54,6 +54,11 @@ class QuantConfig:
         Per-layer exceptions; the last matching override wins.
     skip : tuple of str
         Globs of layer or op names left in float.
+    lut_input_bits : int
+        Bits of tensors that only lookup-table activations (hard-swish, sigmoid, ...) read.
+        16 keeps pre-activation values precise at no cost to the convolution producing them
+        (its requantization writes int16 instead of int8) and a 64K-entry table; 8 uses the
+        activation spec. Overrides that set an activation spec take precedence.
     """
 
     weight: QuantSpec = field(default_factory=QuantSpec)
@@ -61,8 +66,11 @@ class QuantConfig:
     dynamic: bool = False
     overrides: tuple[LayerOverride, ...] = ()
     skip: tuple[str, ...] = ()
+    lut_input_bits: int = 16
 
     def __post_init__(self) -> None:
+        if self.lut_input_bits not in (8, 16):
+            raise ValueError(f"lut_input_bits must be 8 or 16, got {self.lut_input_bits!r}")
         object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "skip", tuple(self.skip))
         if self.activation.granularity is not Granularity.PER_TENSOR:
@@ -95,15 +103,22 @@ class QuantConfig:
 
     def with_overrides(self, *overrides: LayerOverride) -> QuantConfig:
         """A copy with more overrides appended."""
-        return QuantConfig(
-            self.weight, self.activation, self.dynamic, self.overrides + overrides, self.skip
-        )
+        return replace(self, overrides=self.overrides + overrides)
+
+    def lut_input_spec(self, layer: str, op: str) -> QuantSpec:
+        """The spec of a tensor that only lookup-table activations read."""
+        spec = self.activation_spec(layer, op)
+        overridden = any(o.activation is not None and o.matches(layer, op)
+                         for o in self.overrides)
+        if self.lut_input_bits == 16 and not overridden and spec.bits == 8:
+            return spec.with_(bits=16, signed=True, observer="minmax")  # no clipping needed
+        return spec
 
 
 _INT8_WEIGHT_PER_CHANNEL = QuantSpec(
     bits=8, signed=True, symmetric=True, narrow_range=True, granularity="per_channel"
 )
-_UINT8_ACT = QuantSpec(bits=8, signed=False, symmetric=False, observer="minmax")
+_UINT8_ACT = QuantSpec(bits=8, signed=False, symmetric=False, observer="percentile")
 
 PRESETS: dict[str, QuantConfig] = {
     # Per-channel symmetric int8 weights (restricted range), calibrated asymmetric uint8

@@ -102,13 +102,19 @@ def calibrate(
     """
     plan = plan_quantization(mod[func_name], config)
     layers = {layer.name: layer for layer in plan.layers}
+    lut_only = {plan.quantized[v] for v in plan.lut_only}
     signature = input_signature(mod, func_name)
     inst = ExposeObservedTensors(config, func_name)(mod)
     names = [str(n) for n in inst[func_name].attrs[OBSERVED_ATTR]]
     observers: dict[str, Observer] = {}
     for name in names:
         layer = layers.get(name)
-        spec = config.activation_spec(layer.name, layer.op) if layer else config.activation
+        if layer is None:
+            spec = config.activation
+        elif name in lut_only:
+            spec = config.lut_input_spec(layer.name, layer.op)
+        else:
+            spec = config.activation_spec(layer.name, layer.op)
         observers[name] = make_observer(spec.observer, spec)
     ex = tvm.compile(inst, target=target or llvm_target())
     vm = relax.VirtualMachine(ex, tvm.cpu())
