@@ -22,7 +22,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q --runslow tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/fidelity.py
+	$(PY) -m pip install -q -e ".[peers]"
+	TVM_NUM_THREADS=$$(nproc) $(PY) benchmarks/fidelity.py --tvm-target native
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
