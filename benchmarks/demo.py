@@ -16,7 +16,6 @@ Reports go to ``out/demo/<model>.json``. Usage: ``python benchmarks/demo.py [--m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,15 +26,15 @@ import numpy as np
 
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
-import onnxruntime as ort  # noqa: E402
-import tvm  # noqa: E402
-from tvm import relax  # noqa: E402
+import onnxruntime as ort
+import tvm
+from tvm import relax
 
-import tvmquant  # noqa: E402
-from tvmquant import datasets as D  # noqa: E402
-from tvmquant.frontend import load_onnx  # noqa: E402
-from tvmquant.io import atomic_write_json  # noqa: E402
-from tvmquant.zoo import ppocr_model_path  # noqa: E402
+import tvmquant
+from tvmquant import datasets as D
+from tvmquant.frontend import load_onnx
+from tvmquant.io import atomic_write_json
+from tvmquant.zoo import ppocr_model_path
 
 MODELS = {
     "cls": ("cls", (1, 3, 48, 192)),

@@ -38,10 +38,9 @@ import time
 # in a child process started with TVM_NUM_THREADS set.
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
-import numpy as np  # noqa: E402
-import tvm  # noqa: E402
-from tvm.script import tirx as T  # noqa: E402
-
+import numpy as np
+import tvm
+from tvm.script import tirx as T
 from tvmquant.schedules.x86 import int8_dense as dense
 
 TARGET = dense.default_target()
@@ -175,8 +174,9 @@ def measure_relax_untuned(m, n, k, repeat=3):
 
 def measure_conv(case, data_layout, out_layout, repeat=30):
     """tvmquant's conv kernel with the fused requantization epilogue (uint8 out), exact first."""
-    from tvmquant.numerics import dyadic
     from tvmquant.schedules.x86 import int8_conv2d as conv
+
+    from tvmquant.numerics import dyadic
 
     n, c, h, w, o, kh, kw, s = case
     rng = np.random.default_rng(1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
-import numpy as np
+import tvm
 from tvm import relax
 
 from .._compat import Constant, const_value, dtype_of, static_shape
@@ -69,15 +69,9 @@ def short_name(op_name: str) -> str:
 
 
 def _op_name(value) -> str | None:
-    if isinstance(value, relax.Call) and isinstance(value.op, tvm_ir_op()):
+    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
         return value.op.name
     return None
-
-
-def tvm_ir_op():
-    import tvm
-
-    return tvm.ir.Op
 
 
 def is_float_tensor(expr) -> bool:
@@ -146,6 +140,14 @@ class QuantPlan:
         return list(self.quantized.values())
 
 
+def emit_like(builder: relax.BlockBuilder, var: relax.Var, value: relax.Expr) -> relax.Var:
+    """Emit ``value`` in place of ``var``'s binding: a dataflow var stays local to its block,
+    an output var of a dataflow block stays an output."""
+    if isinstance(var, relax.DataflowVar) or not builder.current_block_is_dataflow():
+        return builder.emit(value, name_hint=var.name)
+    return builder.emit_output(value, name_hint=var.name)
+
+
 def function_bindings(func: relax.Function) -> list[relax.VarBinding]:
     """All variable bindings of a function body, in order."""
     out = []
@@ -191,7 +193,7 @@ def _used_vars(call: relax.Call) -> list[relax.Var]:
     return out
 
 
-def plan_quantization(func: relax.Function, config) -> QuantPlan:  # noqa: C901 - one walk
+def plan_quantization(func: relax.Function, config) -> QuantPlan:
     """Compute the :class:`QuantPlan` of a float function under a ``QuantConfig``."""
     bindings = function_bindings(func)
     value_of = {b.var: b.value for b in bindings}
@@ -392,7 +394,3 @@ def weight_channel_axis(op: str, weight_ndim: int) -> int:
 def weight_reduction_axis(op: str, weight_ndim: int) -> int:
     """The reduction (input-channel) axis of an anchor's weight."""
     return {"conv2d": 1, "conv2d_transpose": 0}.get(op, weight_ndim - 2)
-
-
-def as_numpy(c: Constant) -> np.ndarray:
-    return const_value(c)

@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 
 from .._compat import Constant, const_value, static_shape
-from .analysis import function_bindings
+from .analysis import emit_like, function_bindings
 
 
 def _call(value, name: str) -> bool:
@@ -147,12 +147,7 @@ class _Fuser(relax.PyExprMutator):
             x, gamma, beta, eps = self.matches[binding.var]
             ln = relax.op.nn.layer_norm(self.visit_expr(x), relax.const(gamma, "float32"),
                                         relax.const(beta, "float32"), axes=[-1], epsilon=eps)
-            if isinstance(binding.var, relax.DataflowVar) or \
-                    not self.builder_.current_block_is_dataflow():
-                new = self.builder_.emit(ln, name_hint=binding.var.name)
-            else:
-                new = self.builder_.emit_output(ln, name_hint=binding.var.name)
-            self.set_var_remap(binding.var, new)
+            self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, ln))
             return
         super().visit_var_binding_(binding)
 

@@ -36,6 +36,7 @@ from ..numerics import compute_qparams, quantize
 from ..spec import Granularity, QuantSpec
 from .analysis import (
     QuantPlan,
+    emit_like,
     plan_quantization,
     weight_channel_axis,
     weight_reduction_axis,
@@ -217,38 +218,28 @@ class _FakeQuantMutator(relax.PyExprMutator):
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         var, value = binding.var, binding.value
-        if isinstance(value, relax.Call) and var not in self.plan.float_users:
-            args = []
-            for i, a in enumerate(value.args):
-                if isinstance(a, relax.Var) and a in self.plan.quantized:
-                    args.append(self._fake_quant_of(a))
-                elif var in self.anchor_weights and i == self.anchor_weights[var].weight_arg:
-                    args.append(self._emit_weight_qdq(self.anchor_weights[var]))
-                elif isinstance(a, relax.Tuple):
-                    args.append(relax.Tuple([
-                        self._fake_quant_of(f)
-                        if isinstance(f, relax.Var) and f in self.plan.quantized
-                        else self.visit_expr(f) for f in a.fields
-                    ]))
-                else:
-                    args.append(self.visit_expr(a))
+        quantized_uses = var not in self.plan.float_users
+
+        def use(a):
+            if isinstance(a, relax.Var) and a in self.plan.quantized:
+                return self._fake_quant_of(a)
+            if isinstance(a, relax.Tuple):
+                return relax.Tuple([use(f) for f in a.fields])
+            return self.visit_expr(a)
+
+        if isinstance(value, relax.Call) and quantized_uses:
+            layer = self.anchor_weights.get(var)
+            args = [
+                self._emit_weight_qdq(layer) if layer is not None and i == layer.weight_arg
+                else use(a) for i, a in enumerate(value.args)
+            ]
             new_value = relax.Call(value.op, args, value.attrs, value.ty_args)
-        elif isinstance(value, relax.Tuple) and var not in self.plan.float_users:
-            new_value = relax.Tuple([
-                self._fake_quant_of(f) if isinstance(f, relax.Var) and f in self.plan.quantized
-                else self.visit_expr(f) for f in value.fields
-            ])
+        elif isinstance(value, relax.Tuple) and quantized_uses:
+            new_value = use(value)
         else:
             new_value = self.visit_expr(value)
-        if isinstance(var, relax.DataflowVar):
-            new_var = self.builder_.emit(new_value, name_hint=var.name)
-        else:
-            new_var = self.builder_.emit_output(new_value, name_hint=var.name) \
-                if self._in_dataflow() else self.builder_.emit(new_value, name_hint=var.name)
+        new_var = emit_like(self.builder_, var, new_value)
         self.set_var_remap(var, new_var)
-
-    def _in_dataflow(self) -> bool:
-        return bool(self.builder_.current_block_is_dataflow())
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvmquant.InsertFakeQuant")

@@ -39,7 +39,7 @@ from .._compat import Constant, const_value, dtype_of, static_shape
 from ..numerics import dequantize as np_dequantize
 from ..numerics import dyadic
 from ..numerics import quantize as np_quantize
-from .analysis import is_movement
+from .analysis import emit_like, is_movement
 
 FALLBACK_ATTR = "tvmquant.float_fallbacks"
 INTEGER_ATTR = "tvmquant.integer_only"
@@ -354,8 +354,8 @@ class _LowerMutator(relax.PyExprMutator):
             return self._requant_int64(p, a.scale * b.scale / s, z, qmin, qmax, out_dtype)
         ma, mb = a.scale / s, b.scale / s
         shift = int(dyadic(max(ma, mb)).shift)
-        ia = int(round(ma * 2.0**shift))
-        ib = int(round(mb * 2.0**shift))
+        ia = round(ma * 2.0**shift)
+        ib = round(mb * 2.0**shift)
         pa = self.emit(relax.op.multiply(xa, self._const(ia, "int64")))
         pb = self.emit(relax.op.multiply(xb, self._const(ib, "int64")))
         p = self.emit(relax.op.add(pa, pb))
@@ -529,10 +529,7 @@ class _LowerMutator(relax.PyExprMutator):
         self._emit_binding(var, new_value if new_value is not None else value)
 
     def _emit_binding(self, var, value):
-        if isinstance(var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
-            new_var = self.builder_.emit(value, name_hint=var.name)
-        else:
-            new_var = self.builder_.emit_output(value, name_hint=var.name)
+        new_var = emit_like(self.builder_, var, value)
         self.set_var_remap(var, new_var)
         return new_var
 

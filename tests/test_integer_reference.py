@@ -11,10 +11,10 @@ import pytest
 import tvm
 from helpers import run_module
 from tvm import relax
+from tvmquant.passes.insert_fake_quant import quantize_weight
 
 import tvmquant
-from tvmquant.numerics import compute_qparams, dyadic, quantize, requantize
-from tvmquant.passes.insert_fake_quant import quantize_weight
+from tvmquant.numerics import dyadic, quantize, requantize
 
 C, H = 6, 9
 
@@ -51,7 +51,7 @@ def _conv_int(x, w, pad_value):
     """Direct integer conv2d, stride 1, padding 1, NCHW/OIHW, int64 accumulation."""
     xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)),
                 constant_values=pad_value)
-    n, c, h, wd = x.shape
+    n, _, h, wd = x.shape
     o = w.shape[0]
     out = np.zeros((n, o, h, wd), np.int64)
     for i in range(3):

@@ -15,8 +15,13 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .calibration.runner import CalibrationDataError, Sample, calibrate, check_sample, \
-    input_signature
+from .calibration.runner import (
+    CalibrationDataError,
+    Sample,
+    calibrate,
+    check_sample,
+    input_signature,
+)
 from .config import QuantConfig, resolve_config
 from .passes.analysis import QuantPlan, plan_quantization
 from .passes.pipeline import canonicalize_pipeline, quantize_pipeline

@@ -16,8 +16,8 @@ import numpy as np
 
 from .api import QuantizedModel, build, run
 from .calibration.runner import Sample, check_sample, input_signature
-from .passes.expose_observed_tensors import OBSERVED_ATTR, ExposeObservedTensors
 from .numerics import dequantize, quantize
+from .passes.expose_observed_tensors import OBSERVED_ATTR, ExposeObservedTensors
 from .passes.insert_fake_quant import InsertFakeQuant, activation_qparams
 
 

@@ -30,7 +30,8 @@ def small_convnet(seed: int = 0, channels: int = 8, size: int = 12,
                 mean = relax.const(rng.normal(0, 0.1, c).astype("float32"))
                 var = relax.const(rng.uniform(0.5, 1.5, c).astype("float32"))
                 z = bb.emit(relax.op.nn.conv2d(y, const(c, c, 3, 3, scale=0.2), padding=1))
-                z = bb.emit(relax.op.nn.batch_norm(z, gamma, beta, mean, var, axis=1, training=False))
+                z = bb.emit(relax.op.nn.batch_norm(z, gamma, beta, mean, var, axis=1,
+                                                   training=False))
                 z = bb.emit(relax.TupleGetItem(z, 0))
             else:
                 z = bb.emit(relax.op.nn.conv2d(y, const(c, c, 3, 3, scale=0.2), padding=1))

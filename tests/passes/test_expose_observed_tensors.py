@@ -4,10 +4,10 @@ import numpy as np
 import tvm
 from helpers import run_module, run_pass
 from tvm import relax
-
-from tvmquant.config import get_preset
 from tvmquant.passes import ExposeObservedTensors, InsertFakeQuant
 from tvmquant.passes.expose_observed_tensors import OBSERVED_ATTR
+
+from tvmquant.config import get_preset
 
 RNG = np.random.default_rng(0)
 W0 = RNG.normal(0, 0.3, (4, 3, 3, 3)).astype("float32")

@@ -14,7 +14,6 @@ import pytest
 import tvm
 import tvm.relax.frontend.onnx  # registers relax.frontend.onnx
 from tvm import relax
-
 from tvmquant.passes.fold_batch_norm import FoldBatchNorm
 
 EPS = 1e-5

@@ -4,7 +4,6 @@ import numpy as np
 import tvm
 from helpers import run_module, run_pass
 from tvm import relax
-
 from tvmquant.passes.fuse_layer_norm import FuseLayerNorm
 
 RNG = np.random.default_rng(0)

@@ -5,11 +5,11 @@ import pytest
 import tvm
 from helpers import run_module, run_pass
 from tvm import relax
+from tvmquant.passes import InsertFakeQuant
+from tvmquant.passes.insert_fake_quant import quantize_weight
 
 from tvmquant.config import QuantConfig, get_preset
 from tvmquant.numerics import compute_qparams, dequantize, quantize
-from tvmquant.passes import InsertFakeQuant
-from tvmquant.passes.insert_fake_quant import quantize_weight
 from tvmquant.spec import QuantSpec
 
 RNG = np.random.default_rng(0)

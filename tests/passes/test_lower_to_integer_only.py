@@ -4,10 +4,10 @@ import numpy as np
 import tvm
 from helpers import run_module, run_pass
 from tvm import relax
-
-from tvmquant.numerics import dyadic
 from tvmquant.passes import LowerToIntegerOnly
 from tvmquant.passes.lower_to_integer_only import FALLBACK_ATTR, INTEGER_ATTR
+
+from tvmquant.numerics import dyadic
 
 
 def _c(v, dtype):
