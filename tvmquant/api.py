@@ -122,14 +122,23 @@ def quantize(
 def build(
     qmod: QuantizedModel | tvm.IRModule,
     target: str | dict | tvm.target.Target = "llvm",
+    *,
+    kernels: bool = True,
 ) -> tvm.runtime.Executable:
     """Compile a quantized (or any Relax) module for a target.
 
     ``target`` is a friendly name (``x86-vnni``, ``x86-avx2``, ``native``, ...), a TVM target
-    dict, or a ``tvm.target.Target``.
+    dict, or a ``tvm.target.Target``. With ``kernels`` (the default), integer convolutions and
+    matmuls run on tvmquant's scheduled kernels where the target has them (AVX-512 VNNI on
+    x86, see :mod:`tvmquant.schedules.x86`); everything else uses TVM's default kernels.
     """
     mod = qmod.mod if isinstance(qmod, QuantizedModel) else _as_irmodule(qmod)
     tgt = resolve_target(target)
+    if kernels:
+        from .schedules.x86.dispatch import DispatchX86Int8, target_has_vnni
+
+        if target_has_vnni(tgt):
+            mod = DispatchX86Int8()(mod)
     return tvm.compile(mod, target=tgt)
 
 

@@ -1,0 +1,203 @@
+"""DispatchX86Int8: run integer convolutions and matmuls on the VNNI kernels of this package.
+
+Preconditions: an integer-only module from :class:`~tvmquant.passes.LowerToIntegerOnly`, whose
+anchors are spelled ``conv2d/matmul(u8, const s8, out_dtype="int32")`` followed by the dyadic
+requantization chain ``[add(bias)] -> astype(int64) -> multiply(m0) -> add(half) ->
+right_shift(shift) -> add(zp) -> clip(lo, hi) -> astype(u8|s8)``, each value used once.
+
+Each such chain becomes one ``R.call_tir`` of a scheduled, tensorized kernel with the weights
+packed once at compile time (``[O/16, K/4, 16, 4]``) and the bias, requantization and clamp
+fused into its epilogue (:mod:`.int8_conv2d`, :mod:`.int8_dense`). What does not match
+(depthwise or grouped convolutions, dilation, signed activations, batched matmuls) is left
+to TVM's default kernels. Kernels are cached by shape and epilogue within a module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..._compat import Constant, const_value, dtype_of, static_shape
+from ...passes.analysis import emit_like, function_bindings
+from .int8_conv2d import int8_conv2d, pack_conv_weight
+from .int8_dense import Requant, int8_dense, kernel_for_relax, pack_weight
+
+
+def target_has_vnni(target: tvm.target.Target) -> bool:
+    """Whether an LLVM target may use AVX-512 VNNI."""
+    if target.kind.name != "llvm":
+        return False
+    try:
+        return bool(tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], target))
+    except Exception:  # older/odd targets: be conservative
+        return False
+
+
+def _op(value, name: str) -> bool:
+    return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and \
+        value.op.name == name
+
+
+def _const(expr) -> np.ndarray | None:
+    return const_value(expr) if isinstance(expr, Constant) else None
+
+
+def _per_channel(v: np.ndarray, n: int) -> np.ndarray | None:
+    flat = np.asarray(v).reshape(-1)
+    if flat.size == 1:
+        return np.full(n, flat[0])
+    return flat if flat.size == n else None
+
+
+class _Match:
+    """One anchor with its requantization chain."""
+
+    def __init__(self, anchor, data, weight, bias, m0, shift, zp, lo, hi, out_dtype, out_var):
+        self.anchor, self.data, self.weight = anchor, data, weight
+        self.bias, self.m0, self.shift = bias, m0, shift
+        self.requant = Requant(zp, lo, hi, out_dtype)
+        self.out_var = out_var
+
+
+def _match_chains(func: relax.Function) -> dict[relax.Var, _Match]:
+    bindings = function_bindings(func)
+    value = {b.var: b.value for b in bindings}
+    users: dict[relax.Var, list[relax.Var]] = {}
+    for b in bindings:
+        if isinstance(b.value, relax.Call):
+            for a in b.value.args:
+                if isinstance(a, relax.Var):
+                    users.setdefault(a, []).append(b.var)
+
+    def next_of(v, name):
+        us = users.get(v, [])
+        if len(us) == 1 and _op(value[us[0]], name):
+            return us[0]
+        return None
+
+    matches = {}
+    for b in bindings:
+        call = b.value
+        if not (_op(call, "relax.nn.conv2d") or _op(call, "relax.matmul")):
+            continue
+        if str(call.attrs.out_dtype) != "int32" or dtype_of(call.args[0]) != "uint8":
+            continue
+        w = _const(call.args[1])
+        if w is None or w.dtype != np.int8:
+            continue
+        n_out = static_shape(b.var)[1 if _op(call, "relax.nn.conv2d") else -1]
+        cur, bias = b.var, np.zeros(n_out, np.int32)
+        # int32 constant adds (zero-point correction, bias) fold into one bias vector
+        while (nxt := next_of(cur, "relax.add")) is not None:
+            other = [a for a in value[nxt].args if not a.same_as(cur)]
+            c = _const(other[0]) if other else None
+            pc = _per_channel(c, n_out) if c is not None and c.dtype == np.int32 else None
+            if pc is None:
+                break
+            bias, cur = (bias.astype(np.int64) + pc).astype(np.int32), nxt
+        chain = []
+        for name in ("relax.astype", "relax.multiply", "relax.add", "relax.right_shift",
+                     "relax.add", "relax.clip", "relax.astype"):
+            nxt = next_of(cur, name)
+            if nxt is None:
+                break
+            chain.append(nxt)
+            cur = nxt
+        if len(chain) != 7:
+            continue
+        cast64, mul, half, shr, addz, clip, cast = (value[v] for v in chain)
+        if str(cast64.attrs.dtype) != "int64" or str(cast.attrs.dtype) not in ("uint8", "int8"):
+            continue
+        m0 = _const(mul.args[1])
+        sh = _const(shr.args[1])
+        zp = _const(addz.args[1])
+        if m0 is None or sh is None or zp is None or zp.size != 1:
+            continue
+        m0, sh = _per_channel(m0, n_out), _per_channel(sh, n_out)
+        if m0 is None or sh is None or np.any(m0 >= 2**31) or np.any(sh > 62):
+            continue
+        matches[chain[-1]] = _Match(
+            call, call.args[0], w, bias, m0.astype(np.int32), sh.astype(np.int32),
+            int(zp.reshape(())), int(clip.args[1].value), int(clip.args[2].value),
+            str(cast.attrs.dtype), chain[-1])
+    return matches
+
+
+@relax.expr_functor.mutator
+class _Dispatcher(relax.PyExprMutator):
+    def __init__(self, mod, matches):
+        super().__init__(mod)
+        self.matches = matches
+        self.kernels: dict[tuple, relax.GlobalVar] = {}
+        self.count = 0
+
+    def _kernel(self, key, build):
+        if key not in self.kernels:
+            name = f"tvmquant_x86_int8_{len(self.kernels)}"
+            self.kernels[key] = self.builder_.add_func(kernel_for_relax(build(), name), name)
+        return self.kernels[key]
+
+    def _conv(self, m: _Match):
+        attrs = m.anchor.attrs
+        if int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW" or \
+                str(attrs.kernel_layout) != "OIHW" or any(int(d) != 1 for d in attrs.dilation):
+            return None
+        sh, sw = (int(s) for s in attrs.strides)
+        if sh != sw:
+            return None
+        data = self.visit_expr(m.data)
+        top, left, bottom, right = (int(p) for p in attrs.padding)
+        if top or left or bottom or right:
+            data = self.builder_.emit(relax.op.nn.pad(
+                data, [0, 0, 0, 0, top, bottom, left, right], pad_value=0.0))
+        n, c, h, w = static_shape(data)
+        o, _, kh, kw = m.weight.shape
+        key = ("conv", n, c, h, w, o, kh, kw, sh, m.requant)
+        gv = self._kernel(key, lambda: int8_conv2d(n, c, h, w, o, kh, kw, sh, bias=True,
+                                                   requant=m.requant))
+        return gv, [data, pack_conv_weight(m.weight)]
+
+    def _dense(self, m: _Match):
+        data = self.visit_expr(m.data)
+        shape = static_shape(data)
+        if shape is None or len(shape) != 2 or m.weight.ndim != 2:
+            return None
+        (mm, k), n = shape, m.weight.shape[1]
+        key = ("dense", mm, n, k, m.requant)
+        gv = self._kernel(key, lambda: int8_dense(mm, n, k, bias=True, requant=m.requant))
+        return gv, [data, pack_weight(m.weight, "KN")]
+
+    def visit_var_binding_(self, binding):
+        m = self.matches.get(binding.var)
+        if m is not None:
+            picked = self._conv(m) if _op(m.anchor, "relax.nn.conv2d") else self._dense(m)
+            if picked is not None:
+                gv, (data, packed) = picked
+                args = [data, relax.const(packed, "int8"), relax.const(m.bias, "int32"),
+                        relax.const(m.m0, "int32"), relax.const(m.shift, "int32")]
+                out_ty = relax.TensorType(static_shape(binding.var), m.requant.out_dtype)
+                call = relax.call_tir(gv, args, out_ty)
+                self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, call))
+                self.count += 1
+                return
+        super().visit_var_binding_(binding)
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvmquant.DispatchX86Int8")
+class DispatchX86Int8:
+    """Replace matching integer conv2d/matmul + requantization chains by VNNI kernels."""
+
+    def __init__(self, func_name: str = "main"):
+        self.func_name = func_name
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        func = mod[self.func_name]
+        matches = _match_chains(func)
+        if not matches:
+            return mod
+        dispatcher = _Dispatcher(mod, matches)
+        new_func = dispatcher.visit_expr(func)
+        new_mod = dispatcher.builder_.get()
+        new_mod[self.func_name] = new_func
+        return relax.transform.DeadCodeElimination()(new_mod)
