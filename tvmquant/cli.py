@@ -676,6 +676,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         Exit status: 0 success (also for ``--help``), 2 user error or bad usage, 1 internal
         error, 130 interrupted.
     """
+    # TVM's thread pool assumes hyper-threading and uses half the logical CPUs unless told;
+    # on a 2-vCPU machine that is one thread. The pool reads this when it first starts.
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
