@@ -327,8 +327,10 @@ def render(cases: Sequence[Case], all_results: dict[str, dict[str, Result]],
         "",
         f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by "
         f"`python benchmarks/fidelity.py --models {args.models} --det-sizes {args.det_sizes} "
-        f"--n-calib {args.n_calib}" + (f" --n-eval {args.n_eval}" if args.n_eval else "")
-        + f"`; CPU: {_cpu()}, {args.threads} threads per engine.",
+        f"--engines {args.engines} --n-calib {args.n_calib}"
+        + (f" --n-eval {args.n_eval}" if args.n_eval else "")
+        + f" --threads {args.threads} --tvm-target {args.tvm_target} "
+        f"--tvmquant-config {args.tvmquant_config}`; CPU: {_cpu()}.",
         "",
         f"Versions: {_versions()}.",
         "",
@@ -386,6 +388,9 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -682,6 +682,9 @@ def calibration_npz(kind: str, path: str | os.PathLike, n: int | None = None,
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{INPUT_NAME: np.stack(samples)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
