@@ -151,13 +151,7 @@ def test_dynamic_activations_compute_scale_at_run_time():
 def test_numerics_match_numpy_quantize_dequantize():
     """The fake-quant first conv equals NumPy's conv of quantize-dequantized operands."""
     config = get_preset("int8")
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 3, 8, 8), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            o = bb.emit_output(relax.op.nn.conv2d(x, relax.const(W0), padding=1))
-        bb.emit_func_output(o)
-    after = InsertFakeQuant(config, {"x": (-1.0, 1.0)})(bb.get())
+    after = InsertFakeQuant(config, {"x": (-1.0, 1.0)})(_plain_conv(W0))
     xin = RNG.uniform(-1.2, 1.2, (1, 3, 8, 8)).astype("float32")
     got = run_module(after, xin)
     s, z = compute_qparams(config.activation, -1.0, 1.0)
