@@ -124,22 +124,25 @@ def build(
     target: str | dict | tvm.target.Target = "llvm",
     *,
     kernels: bool = True,
+    schedules: bool = True,
+    database=None,
 ) -> tvm.runtime.Executable:
     """Compile a quantized (or any Relax) module for a target.
 
     ``target`` is a friendly name (``x86-vnni``, ``x86-avx2``, ``native``, ...), a TVM target
     dict, or a ``tvm.target.Target``. With ``kernels`` (the default), integer convolutions and
     matmuls run on tvmquant's scheduled kernels where the target has them (AVX-512 VNNI on
-    x86, see :mod:`tvmquant.schedules.x86`); everything else uses TVM's default kernels.
+    x86, see :mod:`tvmquant.schedules.x86`). With ``schedules`` (the default), operators are
+    fused and every other kernel gets tvmquant's default CPU schedule (parallel, vectorized;
+    :mod:`tvmquant.schedules.cpu`), or its tuned schedule from ``database`` (a MetaSchedule
+    database or its directory, see ``tvmquant tune``). ``kernels=False, schedules=False`` is
+    TVM's plain ``tvm.compile``.
     """
-    mod = qmod.mod if isinstance(qmod, QuantizedModel) else _as_irmodule(qmod)
-    tgt = resolve_target(target)
-    if kernels:
-        from .schedules.x86.dispatch import DispatchX86Int8, target_has_vnni
+    from .schedules.pipeline import build as _build
 
-        if target_has_vnni(tgt):
-            mod = DispatchX86Int8()(mod)
-    return tvm.compile(mod, target=tgt)
+    mod = qmod.mod if isinstance(qmod, QuantizedModel) else _as_irmodule(qmod)
+    return _build(mod, resolve_target(target), kernels=kernels, schedules=schedules,
+                  database=database)
 
 
 def run(ex, inputs: Sequence[np.ndarray], device=None) -> list[np.ndarray]:

@@ -3,13 +3,14 @@
 Preconditions: an integer-only module from :class:`~tvmquant.passes.LowerToIntegerOnly`, whose
 anchors are spelled ``conv2d/matmul(u8, const s8, out_dtype="int32")`` followed by the dyadic
 requantization chain ``[add(bias)] -> astype(int64) -> multiply(m0) -> add(half) ->
-right_shift(shift) -> add(zp) -> clip(lo, hi) -> astype(u8|s8)``, each value used once.
+right_shift(shift) -> add(zp) -> clip(lo, hi) -> astype(u8|s8|s16)``, each value used once.
 
 Each such chain becomes one ``R.call_tir`` of a scheduled, tensorized kernel with the weights
 packed once at compile time (``[O/16, K/4, 16, 4]``) and the bias, requantization and clamp
 fused into its epilogue (:mod:`.int8_conv2d`, :mod:`.int8_dense`). What does not match
 (depthwise or grouped convolutions, dilation, signed activations, batched matmuls) is left
-to TVM's default kernels. Kernels are cached by shape and epilogue within a module.
+to TVM's default kernels. A transposed convolution whose stride equals its kernel (the
+upsampling heads of detectors) is a matmul followed by a depth-to-space, and runs as one. Kernels are cached by shape and epilogue within a module.
 """
 
 from __future__ import annotations
@@ -79,14 +80,15 @@ def _match_chains(func: relax.Function) -> dict[relax.Var, _Match]:
     matches = {}
     for b in bindings:
         call = b.value
-        if not (_op(call, "relax.nn.conv2d") or _op(call, "relax.matmul")):
+        if not (_op(call, "relax.nn.conv2d") or _op(call, "relax.matmul")
+                or _op(call, "relax.nn.conv2d_transpose")):
             continue
         if str(call.attrs.out_dtype) != "int32" or dtype_of(call.args[0]) != "uint8":
             continue
         w = _const(call.args[1])
         if w is None or w.dtype != np.int8:
             continue
-        n_out = static_shape(b.var)[1 if _op(call, "relax.nn.conv2d") else -1]
+        n_out = static_shape(b.var)[-1 if _op(call, "relax.matmul") else 1]
         cur, bias = b.var, np.zeros(n_out, np.int32)
         # int32 constant adds (zero-point correction, bias) fold into one bias vector
         while (nxt := next_of(cur, "relax.add")) is not None:
@@ -107,7 +109,7 @@ def _match_chains(func: relax.Function) -> dict[relax.Var, _Match]:
         if len(chain) != 7:
             continue
         cast64, mul, half, shr, addz, clip, cast = (value[v] for v in chain)
-        if str(cast64.attrs.dtype) != "int64" or str(cast.attrs.dtype) not in ("uint8", "int8"):
+        if str(cast64.attrs.dtype) != "int64" or str(cast.attrs.dtype) not in ("uint8", "int8", "int16"):
             continue
         m0 = _const(mul.args[1])
         sh = _const(shr.args[1])
@@ -158,6 +160,41 @@ class _Dispatcher(relax.PyExprMutator):
                                                    requant=m.requant))
         return gv, [data, pack_conv_weight(m.weight)]
 
+    def _conv_transpose(self, m: _Match):
+        """Stride == kernel, no padding: a dense ``[H*W, C] x [C, O*kh*kw]`` + depth-to-space.
+
+        Each input pixel writes its own ``kh x kw`` block of outputs, so the whole operator is
+        one matmul on the VNNI kernel (requantized per column = per output channel) followed
+        by a movement of uint8/int8 values.
+        """
+        attrs = m.anchor.attrs
+        c_in, o, kh, kw = m.weight.shape
+        if int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW" or \
+                str(attrs.kernel_layout) != "IOHW" or str(attrs.out_layout) != "NCHW" or \
+                [int(s) for s in attrs.strides] != [kh, kw] or \
+                any(int(p) for p in attrs.padding) or any(int(p) for p in attrs.output_padding) \
+                or any(int(d) != 1 for d in attrs.dilation):
+            return None
+        data = self.visit_expr(m.data)
+        n, c, h, w = static_shape(data)
+        bb = self.builder_
+        rows = bb.emit(relax.op.reshape(relax.op.permute_dims(data, [0, 2, 3, 1]),
+                                        (n * h * w, c)))
+        cols = o * kh * kw
+        key = ("dense", n * h * w, cols, c, m.requant)
+        gv = self._kernel(key, lambda: int8_dense(n * h * w, cols, c, bias=True,
+                                                  requant=m.requant))
+        rep = kh * kw
+        args = [rows, relax.const(pack_weight(m.weight.reshape(c_in, cols), "KN"), "int8"),
+                relax.const(np.repeat(m.bias, rep), "int32"),
+                relax.const(np.repeat(m.m0, rep), "int32"),
+                relax.const(np.repeat(m.shift, rep), "int32")]
+        out = bb.emit(relax.call_tir(gv, args, relax.TensorType((n * h * w, cols),
+                                                                m.requant.out_dtype)))
+        blocks = relax.op.reshape(out, (n, h, w, o, kh, kw))
+        return relax.op.reshape(relax.op.permute_dims(blocks, [0, 3, 1, 4, 2, 5]),
+                                (n, o, h * kh, w * kw))
+
     def _dense(self, m: _Match):
         data = self.visit_expr(m.data)
         shape = static_shape(data)
@@ -170,7 +207,13 @@ class _Dispatcher(relax.PyExprMutator):
 
     def visit_var_binding_(self, binding):
         m = self.matches.get(binding.var)
-        if m is not None:
+        if m is not None and _op(m.anchor, "relax.nn.conv2d_transpose"):
+            out = self._conv_transpose(m)
+            if out is not None:
+                self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, out))
+                self.count += 1
+                return
+        elif m is not None:
             picked = self._conv(m) if _op(m.anchor, "relax.nn.conv2d") else self._dense(m)
             if picked is not None:
                 gv, (data, packed) = picked

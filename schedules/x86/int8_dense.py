@@ -12,7 +12,7 @@ Computes ``C[M, N] = epilogue(A[M, K] @ W^T)`` with
 
       acc = acc + bias[n]                                   (int32, wrapping)
       y   = (int64(acc) * m0[n] + (shift[n] > 0 ? 1 << (shift[n] - 1) : 0)) >> shift[n]
-      out = cast(clip(y + zero_point, lo, hi), out_dtype)   (uint8 or int8)
+      out = cast(clip(y + zero_point, lo, hi), out_dtype)   (uint8, int8 or int16)
 
 PrimFunc parameters, in order: ``A, W, [bias], [m0, shift], C`` (``bias``, ``m0`` and
 ``shift`` are int32 ``[N]``; ``zero_point``, ``lo``, ``hi`` are compile-time constants).
@@ -93,11 +93,11 @@ class Requant:
     zero_point: int
     lo: int
     hi: int
-    out_dtype: str = "uint8"  # "uint8" or "int8"
+    out_dtype: str = "uint8"  # "uint8", "int8", or "int16" (the input of a 16-bit lookup table)
 
     def __post_init__(self):
-        if self.out_dtype not in ("uint8", "int8"):
-            raise ValueError(f"out_dtype must be uint8 or int8, got {self.out_dtype}")
+        if self.out_dtype not in ("uint8", "int8", "int16"):
+            raise ValueError(f"out_dtype must be uint8, int8 or int16, got {self.out_dtype}")
         info = np.iinfo(self.out_dtype)
         if not (info.min <= self.lo <= self.hi <= info.max):
             raise ValueError(f"clamp [{self.lo}, {self.hi}] outside {self.out_dtype}")
@@ -345,4 +345,7 @@ def kernel_for_relax(mod: tvm.IRModule, name: str) -> tirx.PrimFunc:
     with ``relax.call_tir(gv, [x, relax.const(packed_weight), ...], out_ty)``: the kernel
     keeps its schedule (and its ``vpdpbusd``) through ``tvm.compile`` of the Relax module.
     """
-    return mod["main"].with_attr("global_symbol", name)
+    # op_pattern 8 (opaque): FuseOps must not fuse neighbours into a tensorized kernel;
+    # tirx.is_scheduled: default-schedule passes leave it alone.
+    return mod["main"].with_attrs({"global_symbol": name, "op_pattern": 8,
+                                   "tirx.is_scheduled": True})

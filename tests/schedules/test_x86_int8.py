@@ -149,6 +149,7 @@ REQUANTS = [
     dense.Requant(3, 0, 255, "uint8"),
     dense.Requant(-7, -128, 127, "int8"),
     dense.Requant(0, 12, 200, "uint8"),  # a fused ReLU6-like clamp
+    dense.Requant(-3000, -32768, 32767, "int16"),  # the input of a 16-bit lookup table
 ]
 
 
@@ -168,7 +169,7 @@ def test_dense_exact(shape):
 
 
 EPILOGUES = [(True, None)] + [(b, rq) for rq in REQUANTS[1:] for b in (False, True)]
-EPILOGUE_IDS = ["bias"] + [f"{'bias-' if b else ''}{n}" for n in ("u8", "i8", "clamp")
+EPILOGUE_IDS = ["bias"] + [f"{'bias-' if b else ''}{n}" for n in ("u8", "i8", "clamp", "i16")
                            for b in (False, True)]
 
 
@@ -301,7 +302,7 @@ def test_conv2d_exact(case, layouts):
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[2]], ids=_conv_ids)
-@pytest.mark.parametrize("rq", REQUANTS[1:], ids=["u8", "i8", "clamp"])
+@pytest.mark.parametrize("rq", REQUANTS[1:], ids=["u8", "i8", "clamp", "i16"])
 @pytest.mark.parametrize("out_layout", ["NCHW", "NCHW16c"])
 def test_conv2d_epilogue_exact(case, rq, out_layout):
     _need("avx512_vnni")

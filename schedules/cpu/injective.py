@@ -1,0 +1,32 @@
+"""Injective: elementwise, broadcast, lookup-table gathers, layout changes, resize, concat."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+
+from ._common import parallel_vectorize, vector_lanes
+
+
+class Injective(CPUScheduleRule):
+    """Inline what inlines; each remaining block: outer loops parallel, inner vectorized.
+
+    Applies to kernels whose blocks are all spatial (no reduction); returns ``None``
+    otherwise, and for kernels with symbolic shapes.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or not all(b.is_injective() for b in infos):
+            return None
+        infos = try_inline(sch, infos)
+        lanes = vector_lanes(target)
+        for info in infos:
+            parallel_vectorize(sch, info.block_rv, lanes)
+        return sch

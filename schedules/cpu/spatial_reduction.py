@@ -1,0 +1,108 @@
+"""SpatialReduction: one reduction with an elementwise epilogue (depthwise/transposed conv, pools).
+
+Schedule, for output loops ``s_0 .. s_k`` and reduction loops ``r_0 .. r_m``::
+
+    parallel for s_0 .. s_{k-1} (fused)        # e.g. channel x output row
+      for s_k.outer                           # blocks of V outputs along the row
+        init acc[V] = 0
+        for r_0 .. r_m                        # e.g. kh, kw
+          vectorized for s_k.inner in V: acc += x * w
+        vectorized epilogue (bias, requantize, clamp, cast) on the V outputs
+
+so every output row is accumulated in registers and written once, already requantized.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+
+from ._common import (
+    MIN_PARALLEL_ELEMENTS,
+    extent,
+    largest_divisor,
+    parallel_vectorize,
+    vector_lanes,
+)
+
+
+class SpatialReduction(CPUScheduleRule):
+    """Applies to kernels with exactly one reduction block whose loops are all spatial ("S")
+    or reduction ("R"), with static extents; other blocks must be elementwise."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        reductions = [b for b in infos if not b.is_injective()]
+        if len(reductions) != 1:
+            return None
+        if set(reductions[0].dom_kind()) - {"S", "R"} or "S" not in reductions[0].dom_kind():
+            return None
+        infos = try_inline(sch, infos)
+        red = next(b for b in infos if not b.is_injective())
+        block = red.block_rv
+        loops = sch.get_loops(block)
+        kinds = red.dom_kind()
+        if len(loops) != len(kinds) or any(extent(sch, lp) is None for lp in loops):
+            return None
+        s_loops = [lp for lp, k in zip(loops, kinds) if k == "S"]
+        r_loops = [lp for lp, k in zip(loops, kinds) if k == "R"]
+        sch.reorder(*s_loops, *r_loops)
+
+        lanes = vector_lanes(target)
+        last = s_loops[-1]
+        n_last = extent(sch, last)
+        inner = None
+        vec = largest_divisor(n_last, (2 * lanes, lanes, lanes // 2, lanes // 4))
+        if vec is not None and vec >= 4 and n_last > vec:
+            outer_last, inner = sch.split(last, [None, vec])
+            s_outer = [*s_loops[:-1], outer_last]
+        elif vec is not None and vec >= 4:
+            inner, s_outer = last, s_loops[:-1]
+        else:
+            s_outer = s_loops
+        if inner is not None:
+            sch.reorder(*s_outer, *r_loops, inner)
+
+        total = 1
+        for lp in s_loops[:-1]:
+            total *= extent(sch, lp)
+        anchor = s_outer[-1] if s_outer else None
+        if len(s_loops) > 1:
+            par = s_loops[:-1]
+            fused = sch.fuse(*par) if len(par) > 1 else par[0]
+            if total * n_last >= MIN_PARALLEL_ELEMENTS:
+                sch.parallel(fused)
+            if anchor is None or len(s_outer) == len(par):
+                anchor = fused
+        if inner is not None:
+            sch.vectorize(inner)
+        sch.decompose_reduction(block, r_loops[0])
+
+        depth = 0
+        if anchor is not None:
+            anchor_stmt = sch.get(anchor)
+            depth = 1 + next(i for i, lp in enumerate(sch.get_loops(block))
+                             if sch.get(lp).same_as(anchor_stmt))
+        # epilogues: computed right after each block of outputs, vectorized
+        for info in infos:
+            if info is red or not info.is_injective():
+                continue
+            try:
+                if anchor is None:
+                    raise ValueError("no loop to compute the epilogue at")
+                sch.reverse_compute_at(info.block_rv, anchor, preserve_unit_loops=True)
+                rest = sch.get_loops(info.block_rv)[depth:]
+                n = extent(sch, rest[-1]) if rest else None
+                if n and (n <= 4 * lanes or n % lanes == 0):
+                    sch.vectorize(rest[-1])
+            except Exception:  # noqa: BLE001 - not a simple epilogue: schedule it on its own
+                parallel_vectorize(sch, info.block_rv, lanes)
+        return sch

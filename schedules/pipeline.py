@@ -1,0 +1,94 @@
+"""The build pipeline: tvmquant's kernels, fusion and default CPU schedules, then TVM's lowering.
+
+TVM 0.27's ``tvm.compile`` lowers a Relax module for a CPU without fusing operators and
+without scheduling the kernels (every op is its own single-threaded loop nest). This pipeline
+is the same lowering with the missing middle filled in, in phases:
+
+1. *dispatch*: integer conv2d/matmul/transposed-conv chains to tvmquant's tensorized kernels
+   (:class:`~tvmquant.schedules.x86.dispatch.DispatchX86Int8`, on VNNI targets);
+2. *legalize and fuse*: ``LegalizeOps``, ``AnnotateTIROpPattern``, ``FoldConstant``,
+   ``FuseOps``, ``FuseTIR`` (tensorized kernels are opaque: nothing fuses into them);
+3. *tuned records*: a MetaSchedule database, when given, for the kernels it knows;
+4. *default schedules*: :func:`tvmquant.schedules.cpu.default_rules` for every kernel still
+   unscheduled;
+5. *lower*: TVM's own memory planning and VM lowering, as in ``tvm.compile``.
+
+Use it as ``tvm.compile(build_pipeline(target)(mod), target, relax_pipeline=None)`` or
+through :func:`tvmquant.build`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import tvm
+from tvm import relax
+from tvm.relax import backend
+from tvm.relax import transform as rx
+from tvm.s_tir import dlight
+
+from .cpu import default_rules
+
+
+def build_pipeline(
+    target: tvm.target.Target,
+    *,
+    kernels: bool = True,
+    schedules: bool = True,
+    database=None,
+) -> tvm.transform.Pass:
+    """The Relax-to-VM pass sequence for ``target`` (see the module docstring).
+
+    Parameters
+    ----------
+    target
+        The build target; it is entered (``with target``) while the passes run.
+    kernels
+        Swap integer convolutions and matmuls for tvmquant's tensorized kernels where the
+        target has them (AVX-512 VNNI).
+    schedules
+        Apply the default CPU schedules (and fusion). ``False`` gives TVM's plain lowering.
+    database
+        A ``tvm.s_tir.meta_schedule.Database`` (or its work directory) with tuned records,
+        applied before the default schedules.
+    """
+    dispatch = []
+    if kernels and target.kind.name == "llvm":
+        from .x86.dispatch import DispatchX86Int8, target_has_vnni
+
+        if target_has_vnni(target):
+            dispatch = [DispatchX86Int8()]
+    fuse = [rx.AnnotateTIROpPattern(), rx.FoldConstant(), rx.FuseOps(), rx.FuseTIR()]
+    tuned = []
+    if database is not None:
+        tuned = [rx.MetaScheduleApplyDatabase(
+            database if isinstance(database, str) else None, enable_warning=False)]
+    default = [dlight.ApplyDefaultSchedule(*default_rules())] if target.kind.name == "llvm" \
+        else []
+    phases = [
+        *dispatch,                                                     # 1. dispatch
+        backend.DispatchSampling(), backend.DispatchSortScan(),
+        rx.LegalizeOps(),                                              # 2. legalize, fuse
+        *(fuse if schedules else []),
+        *(tuned if schedules else []),                                 # 3. tuned records
+        *(default if schedules else []),                               # 4. default schedules
+        rx.RewriteDataflowReshape(), rx.ToNonDataflow(),               # 5. lower
+        rx.RemovePurityChecking(), rx.CallTIRRewrite(), rx.StaticPlanBlockMemory(),
+        rx.LowerAllocTensor(), rx.KillAfterLastUse(), rx.LowerRuntimeBuiltin(),
+        rx.ComputePrimValue(), rx.VMShapeLower(), rx.AttachGlobalSymbol(),
+    ]
+    seq = tvm.transform.Sequential(phases, name="tvmquant.build")
+
+    @tvm.transform.module_pass(opt_level=0, name="tvmquant.BuildPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        db = database if database is not None and not isinstance(database, str) else None
+        with target, (db if db is not None else contextlib.nullcontext()):
+            return seq(mod)
+
+    return _pipeline
+
+
+def build(mod: tvm.IRModule, target: tvm.target.Target, **options) -> tvm.runtime.Executable:
+    """``tvm.compile`` of ``mod`` through :func:`build_pipeline` (``options`` go there)."""
+    lowered = build_pipeline(target, **options)(mod)
+    return relax.build(lowered, target=target, relax_pipeline=None)
