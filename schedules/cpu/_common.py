@@ -19,7 +19,7 @@ def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
     """Lanes of ``dtype_bits``-wide elements in one vector register of ``target``."""
     try:
         width = int(llvm_get_vector_width(target))
-    except Exception:  # noqa: BLE001 - unknown CPU: assume SSE
+    except Exception:
         width = 128
     return max(1, max(width, 128) // dtype_bits)
 

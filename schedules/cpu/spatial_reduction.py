@@ -103,6 +103,6 @@ class SpatialReduction(CPUScheduleRule):
                 n = extent(sch, rest[-1]) if rest else None
                 if n and (n <= 4 * lanes or n % lanes == 0):
                     sch.vectorize(rest[-1])
-            except Exception:  # noqa: BLE001 - not a simple epilogue: schedule it on its own
+            except Exception:
                 parallel_vectorize(sch, info.block_rv, lanes)
         return sch

@@ -10,7 +10,8 @@ packed once at compile time (``[O/16, K/4, 16, 4]``) and the bias, requantizatio
 fused into its epilogue (:mod:`.int8_conv2d`, :mod:`.int8_dense`). What does not match
 (depthwise or grouped convolutions, dilation, signed activations, batched matmuls) is left
 to TVM's default kernels. A transposed convolution whose stride equals its kernel (the
-upsampling heads of detectors) is a matmul followed by a depth-to-space, and runs as one. Kernels are cached by shape and epilogue within a module.
+upsampling heads of detectors) is a matmul followed by a depth-to-space, and runs as one.
+Kernels are cached by shape and epilogue within a module.
 """
 
 from __future__ import annotations
@@ -108,8 +109,9 @@ def _match_chains(func: relax.Function) -> dict[relax.Var, _Match]:
             cur = nxt
         if len(chain) != 7:
             continue
-        cast64, mul, half, shr, addz, clip, cast = (value[v] for v in chain)
-        if str(cast64.attrs.dtype) != "int64" or str(cast.attrs.dtype) not in ("uint8", "int8", "int16"):
+        cast64, mul, _half, shr, addz, clip, cast = (value[v] for v in chain)
+        if str(cast64.attrs.dtype) != "int64" or \
+                str(cast.attrs.dtype) not in ("uint8", "int8", "int16"):
             continue
         m0 = _const(mul.args[1])
         sh = _const(shr.args[1])

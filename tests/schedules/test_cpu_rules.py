@@ -1,0 +1,238 @@
+"""Default CPU schedules (tvmquant.schedules.cpu) and the build pipeline.
+
+Structure: each rule claims the kernels it is for (and only those) and produces parallel,
+vectorized loops in the places its docstring promises. Numbers: every kernel built through
+the pipeline computes exactly what TVM's unscheduled kernel computes, on fresh random inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+from tvmquant.schedules.cpu import Injective, SpatialReduction
+from tvmquant.schedules.pipeline import build, build_pipeline
+
+import tvmquant
+from tvmquant.testing import random_inputs, small_convnet
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})
+
+
+def _module(shape, dtype, body):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _requant(bb, acc, m0=12345, shift=16, zp=3):
+    """The integer epilogue LowerToIntegerOnly writes: int64 multiply, shift, clamp, cast."""
+    y = bb.emit(relax.op.astype(acc, "int64"))
+    y = bb.emit(relax.op.multiply(y, relax.const(m0, "int64")))
+    y = bb.emit(relax.op.add(y, relax.const(1 << (shift - 1), "int64")))
+    y = bb.emit(relax.op.right_shift(y, relax.const(shift, "int64")))
+    y = bb.emit(relax.op.clip(relax.op.add(y, relax.const(zp, "int64")), 0, 255))
+    return bb.emit(relax.op.astype(y, "uint8"))
+
+
+def _weight(rng, shape):
+    return relax.const(rng.integers(-127, 128, shape).astype("int8"))
+
+
+def depthwise(c=32, hw=(40, 40), k=3, stride=1):
+    rng = np.random.default_rng(c * k + stride)
+
+    def body(bb, x):
+        p = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, k // 2, k // 2, k // 2, k // 2],
+                                    pad_value=7.0))
+        acc = bb.emit(relax.op.nn.conv2d(p, _weight(rng, (c, 1, k, k)), strides=stride,
+                                         groups=c, out_dtype="int32"))
+        bias = relax.const(rng.integers(-999, 999, (1, c, 1, 1)).astype("int32"))
+        return _requant(bb, bb.emit(relax.op.add(acc, bias)))
+
+    return _module((1, c, *hw), "uint8", body)
+
+
+def conv_transpose(c=8, o=6, hw=(9, 11), k=3, stride=2):
+    rng = np.random.default_rng(k)
+
+    def body(bb, x):
+        acc = bb.emit(relax.op.nn.conv2d_transpose(
+            x, _weight(rng, (c, o, k, k)), strides=stride, out_dtype="int32"))
+        return _requant(bb, acc, m0=999, shift=18)
+
+    return _module((1, c, *hw), "uint8", body)
+
+
+def avg_pool():
+    def body(bb, x):
+        y = bb.emit(relax.op.astype(x, "int32"))
+        y = bb.emit(relax.op.nn.avg_pool2d(y, pool_size=3, strides=2, padding=1))
+        return _requant(bb, y, m0=1 << 15, shift=15)
+
+    return _module((1, 16, 21, 35), "uint8", body)
+
+
+def global_mean():
+    def body(bb, x):
+        y = bb.emit(relax.op.sum(relax.op.astype(x, "int32"), axis=[2, 3], keepdims=True))
+        return _requant(bb, y, m0=1 << 20, shift=30)
+
+    return _module((1, 48, 12, 40), "uint8", body)
+
+
+def lookup_table():
+    table = relax.const(np.random.default_rng(3).integers(0, 256, 65536).astype("uint8"))
+
+    def body(bb, x):
+        idx = bb.emit(relax.op.subtract(relax.op.astype(x, "int32"),
+                                        relax.const(-32768, "int32")))
+        return bb.emit(relax.op.take(table, idx, axis=0, mode="clip"))
+
+    return _module((1, 24, 30, 32), "int16", body)
+
+
+def resize_concat():
+    def body(bb, x):
+        up = bb.emit(relax.op.image.resize2d(x, (34, 46), method="nearest_neighbor"))
+        return bb.emit(relax.op.concat([up, relax.op.zeros_like(up)], axis=1))
+
+    return _module((1, 5, 17, 23), "uint8", body)
+
+
+def float_conv():
+    w = relax.const(np.random.default_rng(4).standard_normal((12, 6, 3, 3)).astype("float32"))
+    return _module((1, 6, 19, 25), "float32",
+                   lambda bb, x: bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(
+                       x, w, padding=1))))
+
+
+CASES = {
+    "depthwise-3x3-s1": depthwise,
+    "depthwise-5x5-s2-odd": lambda: depthwise(c=24, hw=(13, 27), k=5, stride=2),
+    "depthwise-narrow": lambda: depthwise(c=8, hw=(5, 3)),
+    "conv-transpose-3x3-s2": conv_transpose,
+    "avg-pool": avg_pool,
+    "global-mean": global_mean,
+    "lookup-table-int16": lookup_table,
+    "resize-concat": resize_concat,
+    "float-conv-relu": float_conv,
+}
+
+
+def _input(mod, rng):
+    ty = mod["main"].params[0].ty
+    shape, dtype = [int(s) for s in ty.shape], str(ty.dtype)
+    if dtype == "float32":
+        return rng.standard_normal(shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, int(info.max) + 1, shape).astype(dtype)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_scheduled_kernels_compute_what_default_kernels_compute(case):
+    mod = CASES[case]()
+    plain = relax.VirtualMachine(build(mod, TARGET, kernels=False, schedules=False), tvm.cpu())
+    fast = relax.VirtualMachine(build(mod, TARGET, kernels=False), tvm.cpu())
+    rng = np.random.default_rng()  # fresh inputs every run
+    for _ in range(2):
+        x = tvm.runtime.tensor(_input(mod, rng))
+        want, got = plain["main"](x).numpy(), fast["main"](x).numpy()
+        if want.dtype == np.float32:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# structure, without running anything
+# --------------------------------------------------------------------------------------------
+def _fused_kernels(mod):
+    with TARGET:
+        mod = tvm.transform.Sequential([
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(),
+            relax.transform.FuseTIR()])(mod)
+    return {gv.name_hint: f for gv, f in mod.functions_items()
+            if isinstance(f, tirx.PrimFunc)}
+
+
+def _loops(func) -> list[tirx.For]:
+    found = []
+    tvm_ffi.structural_walk(func.body, [(tirx.For, found.append)], order="pre")
+    return found
+
+
+def _kernel(kernels, prefix):
+    return next(f for name, f in kernels.items() if name.startswith(prefix))
+
+
+def test_spatial_reduction_structure_depthwise():
+    kernel = _kernel(_fused_kernels(depthwise()), "fused_conv2d")
+    assert Injective().apply(kernel, TARGET, False) is None  # not an elementwise kernel
+    sch = SpatialReduction().apply(kernel, TARGET, False)
+    assert sch is not None
+    loops = _loops(sch.mod["main"])
+    kinds = [lp.kind for lp in loops]
+    assert kinds[0] == tirx.ForKind.PARALLEL  # channels x rows, fused
+    assert int(loops[0].extent) == 32 * 40
+    vectorized = [lp for lp in loops if lp.kind == tirx.ForKind.VECTORIZED]
+    # init, update (inside kh, kw) and the requantizing epilogue: each on a row of 8 outputs
+    assert len(vectorized) == 3 and all(int(lp.extent) == 8 for lp in vectorized)
+    text = sch.mod["main"].script()
+    # the multiply-accumulate's innermost loop is the vectorized one, under the kernel loops
+    update = text[text.index("for ax3, ax4 in T.grid(T.int64(3), T.int64(3))"):]
+    assert update.splitlines()[1].strip().startswith("for ax2_1 in T.vectorized")
+
+
+def test_spatial_reduction_leaves_alone_elementwise_and_softmax():
+    kernels = _fused_kernels(lookup_table())
+    assert all(SpatialReduction().apply(f, TARGET, False) is None for f in kernels.values())
+
+    softmax = _module((1, 4, 8, 8), "float32",
+                      lambda bb, x: bb.emit(relax.op.nn.softmax(x, axis=-1)))
+    kernel = _kernel(_fused_kernels(softmax), "softmax")  # two reductions: max, then sum
+    assert SpatialReduction().apply(kernel, TARGET, False) is None
+
+
+def test_injective_structure():
+    kernel = _kernel(_fused_kernels(lookup_table()), "fused_")
+    sch = Injective().apply(kernel, TARGET, False)
+    loops = _loops(sch.mod["main"])
+    assert loops[0].kind == tirx.ForKind.PARALLEL
+    assert loops[-1].kind == tirx.ForKind.VECTORIZED
+
+
+def test_small_kernels_stay_on_one_thread():
+    kernel = _kernel(_fused_kernels(depthwise(c=8, hw=(5, 3))), "fused_conv2d")
+    sch = SpatialReduction().apply(kernel, TARGET, False)
+    assert all(lp.kind != tirx.ForKind.PARALLEL for lp in _loops(sch.mod["main"]))
+
+
+def test_pipeline_fuses_and_schedules_every_kernel():
+    q = tvmquant.quantize(small_convnet(), random_inputs(4), "int8", progress=False)
+    with TARGET:
+        lowered = build_pipeline(TARGET, kernels=False)(q.mod)
+        plain = build_pipeline(TARGET, kernels=False, schedules=False)(q.mod)
+    funcs = [f for _, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
+    n_plain = sum(isinstance(f, tirx.PrimFunc) for _, f in plain.functions_items())
+    assert len(funcs) < n_plain / 3  # the requantization chains are fused into their anchors
+    assert all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in funcs)
+
+
+def test_pipeline_output_matches_plain_build_on_a_quantized_model():
+    q = tvmquant.quantize(small_convnet(), random_inputs(4), "int8", progress=False)
+    fast = relax.VirtualMachine(tvmquant.build(q, TARGET), tvm.cpu())
+    plain = relax.VirtualMachine(tvmquant.build(q, TARGET, kernels=False, schedules=False),
+                                 tvm.cpu())
+    for sample in random_inputs(3, seed=np.random.default_rng().integers(1 << 30)):
+        x = tvm.runtime.tensor(sample["x"])
+        # the last dense has a float output (summation order may differ by an ulp there)
+        np.testing.assert_allclose(fast["main"](x).numpy(), plain["main"](x).numpy(),
+                                   rtol=1e-6, atol=1e-6)
