@@ -47,8 +47,11 @@ ENGINE_TITLES: dict[str, str] = {
     "ov-fp32": "OpenVINO fp32",
     "ov-int8": "OpenVINO int8 (NNCF)",
     "tvmquant-int8": "tvmquant int8",
+    "tvmquant-int8-tuned": "tvmquant int8 tuned",
     "tvmquant-fq": "tvmquant fake-quant",
     "tvm-fp32": "TVM fp32",
+    "tvm-fp32-sched": "TVM fp32 + tvmquant schedules",
+    "tvm-fp32-tuned": "TVM fp32 tuned",
 }
 DEFAULT_ENGINES = ("ort-int8", "ov-fp32", "ov-int8", "tvmquant-int8", "tvmquant-fq")
 
@@ -107,9 +110,10 @@ class Result:
 class TvmEngines:
     """tvmquant (and TVM float) engines; one import and one quantization per case."""
 
-    def __init__(self, target: str, config: str) -> None:
+    def __init__(self, target: str, config: str, records: Path | None = None) -> None:
         self.target = target
         self.config = config
+        self.records = records  # tuning records: <records>/<case key>/{int8,fp32}
         self._import_error: str | None = None
         self._float: dict[str, object] = {}
         self._quant: dict[str, object] = {}
@@ -158,15 +162,29 @@ class TvmEngines:
 
         return run
 
+    def _database(self, case: Case, precision: str) -> str:
+        path = self.records / case.key / precision if self.records else None
+        if path is None or not path.is_dir():
+            raise RuntimeError(f"no tuning records at {path} (run `tvmquant tune` first, "
+                               "or give --records)")
+        return str(path)
+
     def make(self, engine: str, case: Case) -> Runner:
         tvm, _, tvmquant, _ = self._modules()
-        if engine == "tvm-fp32":
+        if engine == "tvm-fp32":  # TVM's own tvm.compile, no schedules at all
             target = tvm.target.Target({"kind": "llvm"}) if self.target == "llvm" else (
                 self.target)
-            return self._runner(tvm.compile(self._float_mod(case), target))
+            return self._runner(tvmquant.build(self._float_mod(case), target, kernels=False,
+                                               schedules=False))
+        if engine in ("tvm-fp32-sched", "tvm-fp32-tuned"):
+            db = self._database(case, "fp32") if engine.endswith("tuned") else None
+            return self._runner(tvmquant.build(self._float_mod(case), self.target,
+                                               database=db))
         q = self._quantized(case)
-        mod = q.mod if engine == "tvmquant-int8" else q.fake_quant_mod
-        return self._runner(tvmquant.build(mod, target=self.target))
+        if engine == "tvmquant-fq":
+            return self._runner(tvmquant.build(q.fake_quant_mod, target=self.target))
+        db = self._database(case, "int8") if engine.endswith("tuned") else None
+        return self._runner(tvmquant.build(q.mod, target=self.target, database=db))
 
 
 def make_engine(engine: str, case: Case, threads: int, tvm_engines: TvmEngines) -> Runner:
@@ -178,7 +196,7 @@ def make_engine(engine: str, case: Case, threads: int, tvm_engines: TvmEngines) 
         return peers.openvino_fp32(case.path, case.shape, threads)
     if engine == "ov-int8":
         return peers.openvino_int8(case.path, case.shape, case.calib, threads)
-    if engine in ("tvmquant-int8", "tvmquant-fq", "tvm-fp32"):
+    if engine.startswith(("tvmquant-", "tvm-")):
         return tvm_engines.make(engine, case)
     raise ValueError(f"unknown engine {engine!r}; expected one of {sorted(ENGINE_TITLES)}")
 

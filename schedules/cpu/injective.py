@@ -22,11 +22,15 @@ class Injective(CPUScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
+        return sch if self.schedule(sch, target) else None
+
+    def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
+        """Schedule the function of ``sch`` in place; ``False`` (untouched) if it does not apply."""
         infos = normalize_prim_func(sch)
         if not infos or not all(b.is_injective() for b in infos):
-            return None
+            return False
         infos = try_inline(sch, infos)
         lanes = vector_lanes(target)
         for info in infos:
             parallel_vectorize(sch, info.block_rv, lanes)
-        return sch
+        return True

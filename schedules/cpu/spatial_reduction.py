@@ -37,21 +37,26 @@ class SpatialReduction(CPUScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
+        return sch if self.schedule(sch, target) else None
+
+    def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
+        """Schedule the function of ``sch`` in place; ``False`` (untouched) if it does not apply."""
         infos = normalize_prim_func(sch)
         if not infos:
-            return None
+            return False
         reductions = [b for b in infos if not b.is_injective()]
         if len(reductions) != 1:
-            return None
-        if set(reductions[0].dom_kind()) - {"S", "R"} or "S" not in reductions[0].dom_kind():
-            return None
+            return False
+        kinds = reductions[0].dom_kind()
+        if set(kinds) - {"S", "R"} or "S" not in kinds:
+            return False
+        loops = sch.get_loops(reductions[0].block_rv)
+        if len(loops) != len(kinds) or any(extent(sch, lp) is None for lp in loops):
+            return False
         infos = try_inline(sch, infos)
         red = next(b for b in infos if not b.is_injective())
         block = red.block_rv
         loops = sch.get_loops(block)
-        kinds = red.dom_kind()
-        if len(loops) != len(kinds) or any(extent(sch, lp) is None for lp in loops):
-            return None
         s_loops = [lp for lp, k in zip(loops, kinds) if k == "S"]
         r_loops = [lp for lp, k in zip(loops, kinds) if k == "R"]
         sch.reorder(*s_loops, *r_loops)
