@@ -109,8 +109,7 @@ def subbyte_gemv(m: int, n: int, k: int, bits: int) -> tvm.IRModule:
     def field(vb, s):
         if bits == 8:
             return vb
-        if s == 0:
-            return T.bitwise_and(vb, T.broadcast(T.int8(mask), 64))
+        # (s is the unrolled loop variable: a shift by 0 for the lowest field folds away)
         wide = T.shift_right(T.reinterpret(vb, dtype="uint16x32"),
                              T.broadcast(T.uint16(bits * s), 32))
         return T.bitwise_and(T.reinterpret(wide, dtype="int8x64"),
