@@ -52,40 +52,48 @@ def build_pipeline(
         A ``tvm.s_tir.meta_schedule.Database`` (or its work directory) with tuned records,
         applied before the default schedules.
     """
+    def phases() -> list[tvm.transform.Pass]:
+        tuned = []
+        if database is not None:  # (needs the target in scope when it is made)
+            tuned = [rx.MetaScheduleApplyDatabase(
+                database if isinstance(database, str) else None, enable_warning=False)]
+        default = [dlight.ApplyDefaultSchedule(*default_rules())] \
+            if target.kind.name == "llvm" else []
+        return [
+            *fusion_phases(target, kernels=kernels, fuse=schedules),  # 1., 2.
+            *(tuned if schedules else []),                             # 3. tuned records
+            *(default if schedules else []),                           # 4. default schedules
+            rx.RewriteDataflowReshape(), rx.ToNonDataflow(),           # 5. lower
+            rx.RemovePurityChecking(), rx.CallTIRRewrite(), rx.StaticPlanBlockMemory(),
+            rx.LowerAllocTensor(), rx.KillAfterLastUse(), rx.LowerRuntimeBuiltin(),
+            rx.ComputePrimValue(), rx.VMShapeLower(), rx.AttachGlobalSymbol(),
+        ]
+
+    @tvm.transform.module_pass(opt_level=0, name="tvmquant.BuildPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        db = database if database is not None and not isinstance(database, str) else None
+        with target, (db if db is not None else contextlib.nullcontext()):
+            return tvm.transform.Sequential(phases(), name="tvmquant.build")(mod)
+
+    return _pipeline
+
+
+def fusion_phases(target: tvm.target.Target, *, kernels: bool = True,
+                  fuse: bool = True) -> list[tvm.transform.Pass]:
+    """Phases 1 and 2: dispatch to tensorized kernels, legalize, fuse.
+
+    The module after these passes holds the kernels that the later phases schedule, and that
+    ``tvmquant tune`` extracts as tuning tasks (run them inside ``with target``).
+    """
     dispatch = []
     if kernels and target.kind.name == "llvm":
         from .x86.dispatch import DispatchX86Int8, target_has_vnni
 
         if target_has_vnni(target):
             dispatch = [DispatchX86Int8()]
-    fuse = [rx.AnnotateTIROpPattern(), rx.FoldConstant(), rx.FuseOps(), rx.FuseTIR()]
-    tuned = []
-    if database is not None:
-        tuned = [rx.MetaScheduleApplyDatabase(
-            database if isinstance(database, str) else None, enable_warning=False)]
-    default = [dlight.ApplyDefaultSchedule(*default_rules())] if target.kind.name == "llvm" \
-        else []
-    phases = [
-        *dispatch,                                                     # 1. dispatch
-        backend.DispatchSampling(), backend.DispatchSortScan(),
-        rx.LegalizeOps(),                                              # 2. legalize, fuse
-        *(fuse if schedules else []),
-        *(tuned if schedules else []),                                 # 3. tuned records
-        *(default if schedules else []),                               # 4. default schedules
-        rx.RewriteDataflowReshape(), rx.ToNonDataflow(),               # 5. lower
-        rx.RemovePurityChecking(), rx.CallTIRRewrite(), rx.StaticPlanBlockMemory(),
-        rx.LowerAllocTensor(), rx.KillAfterLastUse(), rx.LowerRuntimeBuiltin(),
-        rx.ComputePrimValue(), rx.VMShapeLower(), rx.AttachGlobalSymbol(),
-    ]
-    seq = tvm.transform.Sequential(phases, name="tvmquant.build")
-
-    @tvm.transform.module_pass(opt_level=0, name="tvmquant.BuildPipeline")
-    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        db = database if database is not None and not isinstance(database, str) else None
-        with target, (db if db is not None else contextlib.nullcontext()):
-            return seq(mod)
-
-    return _pipeline
+    fusion = [rx.AnnotateTIROpPattern(), rx.FoldConstant(), rx.FuseOps(), rx.FuseTIR()]
+    return [*dispatch, backend.DispatchSampling(), backend.DispatchSortScan(),
+            rx.LegalizeOps(), *(fusion if fuse else [])]
 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target, **options) -> tvm.runtime.Executable:

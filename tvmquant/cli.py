@@ -51,6 +51,7 @@ from .io import (
     load_calibration_npz,
 )
 from .targets import TARGETS, host_target, resolve_target
+from .tuning import RPCDevice, TuningError, records_database, tune
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -126,6 +127,9 @@ examples:
   tvmquant targets
   tvmquant compile model.onnx --input-shapes x:1,3,48,192 --target x86-vnni \\
       --quantize int8 --calibration-data calib.npz --output model.so --report report.json
+  tvmquant tune model.onnx --input-shapes x:1,3,48,192 --calibration-data calib.npz \
+      --work-dir tuning/ --trials 512
+  tvmquant compile model.onnx ... --tuning-records tuning/ --output model.so
   tvmquant run model.so --inputs inputs.npz --output outputs.npz --repeat 20
 
 Run 'tvmquant SUBCOMMAND --help' for the options of each subcommand.
@@ -146,6 +150,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     CLIError,
     FrontendError,
     CalibrationDataError,
+    TuningError,
     ValueError,
     OSError,
 )
@@ -274,8 +279,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N calibration samples through the float, fake-quant and integer models and "
         "report their output errors (default: 0, not measured)",
     )
+    p.add_argument(
+        "--tuning-records", metavar="DIR",
+        help="apply the kernels tuned by 'tvmquant tune' (its --work-dir, or a records "
+        "directory); untuned kernels keep the default schedules",
+    )
     p.add_argument("--no-progress", action="store_true", help="no calibration progress bar")
     p.set_defaults(func=_cmd_compile)
+
+    # --- tune -----------------------------------------------------------------------------
+    p = sub.add_parser(
+        "tune",
+        help="tune the model's kernels for this CPU (or a remote one) with MetaSchedule",
+        description=_para(
+            "Quantize the model as 'compile' would, then search schedules for its kernels "
+            "with MetaSchedule and the XGBoost cost model. Every candidate measured is kept "
+            "in WORK_DIR/candidates as it is measured: an interrupted run (Ctrl-C) resumes "
+            "where it stopped when run again. Before a tuned kernel is kept it must compute "
+            "exactly what the untuned kernel computes on random inputs and be faster than "
+            "the default schedule; the kept records (WORK_DIR/records) are what 'compile "
+            "--tuning-records WORK_DIR' applies. Use the same model, shapes, preset and "
+            "calibration data for both commands."
+        ),
+        formatter_class=_Formatter,
+        parents=[verbose],
+    )
+    p.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to tune")
+    p.add_argument("--work-dir", required=True, metavar="DIR",
+                   help="where candidates, checked records and report.json live")
+    p.add_argument("--input-shapes", action="append", metavar="SHAPES", default=[],
+                   help="static input shapes, as for compile")
+    p.add_argument("--target", default="native", metavar="TARGET",
+                   help="as for compile (default: native)")
+    p.add_argument("-q", "--quantize", default="int8", choices=quantize_choices,
+                   metavar="PRESET", help="quantization preset, as for compile")
+    p.add_argument("--calibration-data", metavar="CALIB.npz",
+                   help="calibration samples, as for compile")
+    p.add_argument("--skip", action="extend", nargs="+", default=[], metavar="PATTERN",
+                   help="layers kept in float, as for compile")
+    p.add_argument("--trials", type=_positive_int, default=256, metavar="N",
+                   help="measured candidates in total, over all kernels (default: 256)")
+    p.add_argument("--trials-per-iter", type=_positive_int, default=16, metavar="N",
+                   help="candidates measured per search round (default: 16)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="measure on a device behind TVM's RPC tracker instead of this CPU")
+    p.add_argument("--rpc-key", metavar="KEY", help="the device key at the tracker")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_tune)
 
     # --- run ------------------------------------------------------------------------------
     p = sub.add_parser(
@@ -488,9 +538,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         "output": str(args.output),
         "tvmquant_version": __version__,
     }
+    database = records_database(args.tuning_records) if args.tuning_records else None
+    report["tuning_records"] = database
     if config is None:
         logger.info("compiling the float model for %s", target_text)
-        ex = build(mod, target)
+        ex = build(mod, target, database=database)
     else:
         logger.info("quantizing with preset %s", args.quantize)
         qmod = quantize(mod, samples, config, progress=not args.no_progress,
@@ -498,13 +550,62 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         report.update(qmod.report)
         logger.info("compiling the %s module for %s",
                     "fake-quant" if args.fake_quant else "integer", target_text)
-        ex = build(qmod.fake_quant_mod if args.fake_quant else qmod, target)
+        ex = build(qmod.fake_quant_mod if args.fake_quant else qmod, target,
+                   database=database)
 
     report_text = json_dumps(report) if args.report else None  # fail before writing anything
     export_library_atomic(ex, args.output)
     if report_text is not None:
         atomic_write_bytes(args.report, report_text.encode("utf-8"))
     _print_compile_summary(args, report, inputs, target_text)
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    """``tvmquant tune``: ONNX -> (quantize) -> MetaSchedule search -> checked records."""
+    model_path = Path(args.model)
+    if not model_path.exists():
+        raise FileNotFoundError(f"ONNX model {args.model!r} does not exist")
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise CLIError("--rpc-tracker and --rpc-key go together")
+    rpc = RPCDevice(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
+    if rpc is not None:
+        rpc.host_port  # noqa: B018 - validates HOST:PORT before the slow steps
+    if args.calibration_data and not Path(args.calibration_data).exists():
+        raise CalibrationDataError(f"calibration data {args.calibration_data!r} does not exist")
+    args.fake_quant, args.fidelity_samples = False, 0  # (compile-only options)
+    config = _configure(args)
+    try:
+        target = resolve_target(args.target)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if config is not None and not config.dynamic and not args.calibration_data:
+        raise CalibrationDataError(
+            f"preset {args.quantize!r} needs --calibration-data CALIB.npz (the same as for "
+            "compile, so that the tuned kernels are the compiled ones)")
+    shapes = parse_input_shapes(";".join(args.input_shapes))
+    mod, _params, inputs = load_onnx(model_path, shapes or None)
+    if config is not None:
+        samples = None
+        if args.calibration_data:
+            samples = _load_calibration(args.calibration_data, inputs, _relax_names(mod, inputs))
+        mod = quantize(mod, samples, config, progress=not args.no_progress).mod
+    rep = tune(mod, target, args.work_dir, trials=args.trials,
+               trials_per_iter=args.trials_per_iter, rpc=rpc, progress=not args.no_progress)
+    _out(f"tuned {len(rep.tasks)} kernels of {args.model} for {target} "
+         f"({rep.trials_run} new trials, {rep.seconds:.0f} s)")
+    _out(f"{'default us':>11} {'tuned us':>9} {'kept':>4} {'wrong':>5}  kernel")
+    for t in sorted(rep.tasks, key=lambda t: -(t.default_us or 0) * t.weight):
+        tuned = f"{t.tuned_us:9.1f}" if t.tuned_us is not None else f"{'-':>9}"
+        default = f"{t.default_us:11.1f}" if t.default_us is not None else f"{'-':>11}"
+        name = t.name if len(t.name) <= 60 else t.name[:57] + "..."
+        _out(f"{default} {tuned} {'yes' if t.kept else 'no':>4} {t.rejected:5d}  {name}"
+             + (f" x{t.weight}" if t.weight > 1 else ""))
+    _out(f"estimated speed-up of the tuned kernels over the default ones: "
+         f"{rep.estimated_speedup():.2f}x; records: {rep.records_dir}")
+    if rep.interrupted:
+        _out("interrupted: run the same command again to resume")
+        return 130
     return 0
 
 
