@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -59,3 +67,64 @@ def random_inputs(n: int, shape=(1, 3, 12, 12), seed: int = 1, name: str = "x"):
     """``n`` calibration samples ``{name: ndarray}`` drawn from N(0, 1)."""
     rng = np.random.default_rng(seed)
     return [{name: rng.normal(0, 1, shape).astype("float32")} for _ in range(n)]
+
+
+@contextlib.contextmanager
+def loopback_rpc(key: str = "local", host: str = "127.0.0.1", timeout_s: float = 60.0):
+    """Start TVM's RPC tracker and one RPC server (registered as ``key``) on loopback.
+
+    Yields the tracker address ``"host:port"``; both processes (and the server's workers)
+    are stopped on exit. The same commands, run on a board and a host, give the setup that
+    ``tvmquant tune --rpc-tracker HOST:PORT --rpc-key KEY`` measures through.
+    """
+    import tvm.rpc
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+
+    def start(args: list[str]) -> subprocess.Popen:
+        # own session: the server's forked workers are stopped with it (one process group)
+        return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def stop(proc: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    port = free_port()
+    # --port-end: otherwise a busy port silently moves the tracker to the next free one
+    procs = [start(["tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
+                    "--port-end", str(port + 1), "--silent"])]
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+                break
+            except OSError:
+                if procs[0].poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the RPC tracker did not start") from None
+                time.sleep(0.1)
+        sport = free_port()
+        procs.append(start(["tvm.exec.rpc_server", "--tracker", f"{host}:{port}", "--key",
+                            key, "--host", host, "--port", str(sport), "--port-end",
+                            str(sport + 1), "--silent"]))
+        while True:  # until the server has registered its key
+            if procs[1].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the RPC server did not register with the tracker")
+            summary = tvm.rpc.connect_tracker(host, port).summary()
+            if summary["queue_info"].get(key, {}).get("free", 0) >= 1:
+                break
+            time.sleep(0.2)
+        yield f"{host}:{port}"
+    finally:
+        for proc in reversed(procs):
+            stop(proc)

@@ -36,6 +36,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -46,11 +47,12 @@ import numpy as np
 import tvm
 from tvm import s_tir, tirx
 
-from .io import atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 _MS_LOGGER = "tvm.s_tir.meta_schedule"
+_STOP = "tvmquant: tuning interrupted"
 
 
 class TuningError(RuntimeError):
@@ -87,6 +89,8 @@ class _Session:
         if rpc is not None:
             host, port = rpc.host_port
             try:
+                # fail fast: connect_tracker itself retries for a minute
+                socket.create_connection((host, port), timeout=5).close()
                 tracker = tvm.rpc.connect_tracker(host, port)
                 self._remote = tracker.request(rpc.key, session_timeout=rpc.timeout_s)
             except Exception as err:  # noqa: BLE001 - TVM raises its own error types
@@ -248,10 +252,11 @@ def _measure_callback(on_batch: Callable[[int, int], bool]):
     class _Progress(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
                   runner_results):
-            if on_batch(task_id, len(measure_candidates)):  # asked to stop: end every task
-                for i, task in enumerate(task_scheduler.tasks_):
-                    if not task.is_terminated:
-                        task_scheduler.terminate_task(i)
+            # Asked to stop: raise (the batch just measured is already in the database).
+            # terminate_task() from here fails a check inside TVM; tune_tasks re-raises
+            # any exception as a RuntimeError, which _run_search recognises by _STOP.
+            if on_batch(task_id, len(measure_candidates)):
+                raise RuntimeError(_STOP)
 
     return _Progress()
 
@@ -294,6 +299,8 @@ def tune(
     if work.exists() and not work.is_dir():
         raise TuningError(f"work directory {work} exists and is not a directory")
     (work / "candidates").mkdir(parents=True, exist_ok=True)
+    _check_target(work, target)
+    _repair_database(work / "candidates")
     t_start = time.perf_counter()
     tasks = extract_tasks(mod, target, kernels=kernels)
     report = TuneReport(str(work), str(target))
@@ -382,6 +389,11 @@ def _run_search(tasks, target, work, db, trials, per_iter, rpc, progress, seed,
     ms_logger = logging.getLogger(_MS_LOGGER)
     old_level = ms_logger.level
     ms_logger.setLevel(logging.WARNING)  # MetaSchedule's tables go to WORK/candidates/logs
+    for handler in list(ms_logger.handlers):
+        # MetaSchedule's logging setup re-lists this logger's handlers by name and fails on
+        # an unnamed one (left by an earlier setup in the same process, or added by a host)
+        if handler.get_name() is None:
+            ms_logger.removeHandler(handler)
     loggers = get_loggers_from_work_dir(str(work / "candidates"), [t.task_name for t in tasks])
     contexts = [
         ms.TuneContext(mod=t.dispatched[0], target=t.target, space_generator="post-order-apply",
@@ -402,7 +414,19 @@ def _run_search(tasks, target, work, db, trials, per_iter, rpc, progress, seed,
                                            session_timeout_sec=rpc.timeout_s),
             evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50),
             max_workers=1)
-    builder = ms.builder.LocalBuilder(max_workers=builder_workers or os.cpu_count() or 1)
+    def build_kernel(mod, target, _params):
+        # MetaSchedule's default_build minus its `import tvm.s_tir.tensor_intrin`, which costs
+        # 13+ s in every fresh builder worker (and times builds out on a busy 2-core machine);
+        # a tensorized candidate carries its intrinsic's body already. A local function, so
+        # that cloudpickle ships it by value (the worker need not import tvmquant).
+        from tvm.driver import build as tvm_build
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+        return tvm_build(mod, target=target)
+
+    builder = ms.builder.LocalBuilder(max_workers=builder_workers or os.cpu_count() or 1,
+                                      f_build=build_kernel, timeout_sec=120)
     bar = _bar(trials, f"tuning {len(tasks)} kernels", progress)
     state = {"done": 0, "stop": False}
 
@@ -427,10 +451,17 @@ def _run_search(tasks, target, work, db, trials, per_iter, rpc, progress, seed,
             tasks=contexts, task_weights=[float(t.weight) for t in tasks],
             work_dir=str(work / "candidates"), max_trials_global=trials,
             num_trials_per_iter=per_iter, builder=builder, runner=runner, database=db,
-            cost_model="xgb",
+            # (the default XGBModel predicts at random for its first 100 samples: with
+            # budgets of a few hundred trials it would hardly ever be used)
+            cost_model=ms.cost_model.XGBModel(
+                num_warmup_samples=max(8, min(32, trials // 8)),
+                num_tuning_cores=os.cpu_count() or 1),
             measure_callbacks=[*ms.MeasureCallback.create("default"),
                                _measure_callback(on_batch)],
             task_scheduler="gradient")
+    except RuntimeError as err:
+        if not (state["stop"] and _STOP in str(err)):
+            raise
     finally:
         if in_main:
             signal.signal(signal.SIGINT, previous)
@@ -492,6 +523,42 @@ def _check_task(task, db, session: _Session, result: TaskResult, args, reference
         return None
     result.note = "no exact candidate"
     return None
+
+
+def _check_target(work: Path, target: tvm.target.Target) -> None:
+    """One work directory per target: MetaSchedule's lookup ignores the target."""
+    path = work / "target.json"
+    text = str(target)
+    if path.exists():
+        saved = path.read_text(encoding="utf-8").strip()
+        if saved != text:
+            raise TuningError(f"{work} holds records tuned for {saved}, not for {text}; use "
+                              "one work directory per target")
+    else:
+        atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def _repair_database(path: Path) -> None:
+    """Drop a torn last line (a process killed while appending): the rest stays usable."""
+    import json
+
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        file = path / name
+        if not file.exists():
+            continue
+        lines = file.read_text(encoding="utf-8").splitlines()
+        good = []
+        for line in lines:
+            try:
+                json.loads(line)
+                good.append(line)
+            except ValueError:
+                logger.warning("dropping an unreadable line of %s (an interrupted write)",
+                               file)
+        if len(good) != len(lines):
+            tmp = file.with_suffix(".tmp")
+            tmp.write_text("".join(f"{ln}\n" for ln in good), encoding="utf-8")
+            os.replace(tmp, file)
 
 
 def _write_records(work: Path, records) -> None:
