@@ -163,11 +163,11 @@ class TvmEngines:
         return run
 
     def _database(self, case: Case, precision: str) -> str:
-        path = self.records / case.key / precision if self.records else None
-        if path is None or not path.is_dir():
-            raise RuntimeError(f"no tuning records at {path} (run `tvmquant tune` first, "
-                               "or give --records)")
-        return str(path)
+        from tvmquant.tuning import records_database
+
+        if self.records is None:
+            raise RuntimeError("no tuning records given (--records)")
+        return records_database(self.records / case.key / precision)
 
     def make(self, engine: str, case: Case) -> Runner:
         tvm, _, tvmquant, _ = self._modules()

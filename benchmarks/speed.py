@@ -178,6 +178,8 @@ def render(cases, engines, table, peak, kernels, args) -> str:
                 ratio = (f" ({ref[0] / res[0]:.2f}x)" if isinstance(ref, tuple) and
                          engine != "ort-fp32" else "")
                 cells.append(f"{res[0]:.2f}{ratio}")
+            elif res and "no tuning records" in res:
+                cells.append("not tuned")
             else:
                 cells.append(f"n/a: {res}" if res else "-")
         lines.append(f"| {title.get(engine, engine)} | " + " | ".join(cells) + " |")

@@ -566,6 +566,9 @@ def _write_records(work: Path, records) -> None:
     from tvm.s_tir import meta_schedule as ms
 
     tmp = Path(tempfile.mkdtemp(prefix=".records-", dir=work))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual directory mode
     try:
         db = ms.database.JSONDatabase(work_dir=str(tmp))
         for rec in records:

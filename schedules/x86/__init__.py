@@ -3,11 +3,16 @@
 - :mod:`.vnni_intrin`: ``tvmquant_dot_16x4_vnni`` and ``tvmquant_dot_8x4_avx2_exact``
   (registered on import, under tvmquant's own names).
 - :mod:`.int8_dense`: ``C[M, N] = A[M, K] (u8) . W (s8, packed N/16 x K/4 x 16 x 4)`` with an
-  optional fused bias + dyadic requantization epilogue.
+  optional fused bias + dyadic requantization epilogue (uint8, int8 or int16 output).
 - :mod:`.int8_conv2d`: direct conv2d (u8 NCHW / NCHW4c / NCHW16c input, s8 packed OIHW
   weight, NCHW or NCHW16c output), same epilogue.
+- :mod:`.subbyte_gemv`: batch-1 (few-row) matmul with 8/4/2-bit weights packed 1/2/4 per
+  byte, unpacked in registers.
+- :mod:`.bitserial_dense`: binary (XNOR), ternary and few-bit unipolar dense on vector
+  popcount (``vpopcntq``; NEON ``cnt`` when cross-compiled for ARM).
+- :mod:`.dispatch`: the Relax pass that puts the int8 kernels into integer-only graphs.
 
-Every kernel is checked bit-exact against int64 NumPy in ``tests/schedules/test_x86_int8.py``.
+Every kernel is checked bit-exact against NumPy in ``tests/schedules/``.
 """
 
 from . import vnni_intrin  # noqa: F401  (registers the intrinsics)
