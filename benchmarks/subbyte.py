@@ -51,7 +51,6 @@ def _cold_us(func, a, weights, out, rounds=15) -> float:
 
 def gemv_rows(target, rng) -> list[str]:
     import tvm
-
     from tvmquant.schedules.x86 import int8_dense
     from tvmquant.schedules.x86 import subbyte_gemv as sb
 
@@ -97,7 +96,6 @@ def gemv_rows(target, rng) -> list[str]:
 def _tvm_fp32_dense(m, n, k, target):
     import tvm
     from tvm import relax
-
     from tvmquant.schedules.pipeline import build
 
     bb = relax.BlockBuilder()
@@ -112,7 +110,6 @@ def _tvm_fp32_dense(m, n, k, target):
 
 def bitserial_rows(target, rng) -> list[str]:
     import tvm
-
     from tvmquant.schedules.x86 import bitserial_dense as bs
     from tvmquant.schedules.x86 import int8_dense
 

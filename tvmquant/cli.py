@@ -570,7 +570,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raise CLIError("--rpc-tracker and --rpc-key go together")
     rpc = RPCDevice(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
     if rpc is not None:
-        rpc.host_port  # noqa: B018 - validates HOST:PORT before the slow steps
+        _ = rpc.host_port  # validates HOST:PORT before the slow steps
     if args.calibration_data and not Path(args.calibration_data).exists():
         raise CalibrationDataError(f"calibration data {args.calibration_data!r} does not exist")
     args.fake_quant, args.fidelity_samples = False, 0  # (compile-only options)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
-
 from tvmquant.schedules.x86 import bitserial_dense as bs
 
 AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
-
 from tvmquant.schedules.x86 import subbyte_gemv as sb
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})

@@ -7,7 +7,6 @@ default test run stays short); the numbers measured are not asserted, only what 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -88,12 +87,12 @@ def test_a_fast_wrong_record_is_never_kept(qmod, tmp_path):
 
 def test_interrupted_run_keeps_its_candidates_and_resumes(tmp_path):
     """SIGINT during the search: candidates stay on disk; the next run resumes from them."""
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import sys, tvm, tvmquant
         from tvmquant import tuning
         from tvmquant.testing import random_inputs, small_convnet
         q = tvmquant.quantize(small_convnet(), random_inputs(4), "int8", progress=False)
-        target = tvm.target.Target({{"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2}})
+        target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})
         rep = tuning.tune(q.mod, target, sys.argv[1], trials=int(sys.argv[2]),
                           trials_per_iter=4, progress=False, max_tasks=3, min_share=0.0)
         print("RESULT", rep.trials_run, rep.interrupted, flush=True)
