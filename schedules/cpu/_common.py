@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tvm import s_tir, tirx
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
@@ -58,3 +59,21 @@ def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
         outer = loops[:-1]
     if total >= MIN_PARALLEL_ELEMENTS and outer:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+class InPlaceRule(CPUScheduleRule):
+    """A DLight CPU rule written as ``schedule(sch, target) -> bool`` on a given schedule.
+
+    ``apply`` (DLight's contract: a new schedule or ``None``) wraps it; the in-place form lets
+    the same rule work on a schedule someone else owns (a tuning space, a test).
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        return sch if self.schedule(sch, target) else None
+
+    def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
+        """Schedule the function of ``sch`` in place; ``False`` (untouched) if it does not apply."""
+        raise NotImplementedError

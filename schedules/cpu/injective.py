@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import s_tir
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from ._common import parallel_vectorize, vector_lanes
+from ._common import InPlaceRule, parallel_vectorize, vector_lanes
 
 
-class Injective(CPUScheduleRule):
+class Injective(InPlaceRule):
     """Inline what inlines; each remaining block: outer loops parallel, inner vectorized.
 
     Applies to kernels whose blocks are all spatial (no reduction); returns ``None``
     otherwise, and for kernels with symbolic shapes.
     """
-
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        sch = s_tir.Schedule(func)
-        return sch if self.schedule(sch, target) else None
 
     def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
         """Schedule the function of ``sch`` in place; ``False`` (untouched) if it does not apply."""

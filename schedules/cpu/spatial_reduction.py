@@ -14,14 +14,14 @@ so every output row is accumulated in registers and written once, already requan
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import s_tir
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
 from ._common import (
     MIN_PARALLEL_ELEMENTS,
+    InPlaceRule,
     extent,
     largest_divisor,
     parallel_vectorize,
@@ -29,15 +29,9 @@ from ._common import (
 )
 
 
-class SpatialReduction(CPUScheduleRule):
+class SpatialReduction(InPlaceRule):
     """Applies to kernels with exactly one reduction block whose loops are all spatial ("S")
     or reduction ("R"), with static extents; other blocks must be elementwise."""
-
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        sch = s_tir.Schedule(func)
-        return sch if self.schedule(sch, target) else None
 
     def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
         """Schedule the function of ``sch`` in place; ``False`` (untouched) if it does not apply."""
