@@ -60,6 +60,8 @@ class SpatialReduction(InPlaceRule):
         n_last = extent(sch, last)
         inner = None
         vec = largest_divisor(n_last, (2 * lanes, lanes, lanes // 2, lanes // 4))
+        if (vec is None or vec < 4) and 4 <= n_last <= 2 * lanes:
+            vec = n_last  # a short row (e.g. 10 or 20 wide): one vector of that length
         if vec is not None and vec >= 4 and n_last > vec:
             outer_last, inner = sch.split(last, [None, vec])
             s_outer = [*s_loops[:-1], outer_last]

@@ -117,6 +117,7 @@ CASES = {
     "depthwise-3x3-s1": depthwise,
     "depthwise-5x5-s2-odd": lambda: depthwise(c=24, hw=(13, 27), k=5, stride=2),
     "depthwise-narrow": lambda: depthwise(c=8, hw=(5, 3)),
+    "depthwise-5x5-width-10": lambda: depthwise(c=48, hw=(10, 10), k=5),
     "conv-transpose-3x3-s2": conv_transpose,
     "avg-pool": avg_pool,
     "global-mean": global_mean,
@@ -207,6 +208,14 @@ def test_injective_structure():
     loops = _loops(sch.mod["main"])
     assert loops[0].kind == tirx.ForKind.PARALLEL
     assert loops[-1].kind == tirx.ForKind.VECTORIZED
+
+
+def test_short_rows_are_one_vector():
+    """A 10-wide output row (no power-of-two divisor) is still vectorized, as one vector."""
+    kernel = _kernel(_fused_kernels(depthwise(c=48, hw=(10, 10), k=5)), "fused_conv2d")
+    loops = _loops(SpatialReduction().apply(kernel, TARGET, False).mod["main"])
+    vectorized = [int(lp.extent) for lp in loops if lp.kind == tirx.ForKind.VECTORIZED]
+    assert vectorized and all(n == 10 for n in vectorized)
 
 
 def test_small_kernels_stay_on_one_thread():
