@@ -84,6 +84,7 @@ class _Session:
     def __init__(self, target: tvm.target.Target, rpc: RPCDevice | None):
         self.target, self.rpc = target, rpc
         self._remote = None
+        self._loaded: dict = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="tvmquant-tune-")
         self._n = 0
         if rpc is not None:
@@ -102,6 +103,15 @@ class _Session:
         return self._remote.cpu() if self._remote is not None else tvm.cpu()
 
     def load(self, prim_mod: tvm.IRModule):
+        """Build (once per module object: checks run then time the same kernel) and load."""
+        cached = self._loaded.get(id(prim_mod))
+        if cached is not None and cached[0] is prim_mod:
+            return cached[1]
+        module = self._build_and_load(prim_mod)
+        self._loaded = {id(prim_mod): (prim_mod, module)}  # keep only the latest one
+        return module
+
+    def _build_and_load(self, prim_mod: tvm.IRModule):
         ex = tvm.compile(prim_mod, self.target)
         if self._remote is None:
             return ex.mod
