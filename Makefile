@@ -24,6 +24,8 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[peers]"
 	TVM_NUM_THREADS=$$(nproc) $(PY) benchmarks/fidelity.py --tvm-target native
+	$(PY) benchmarks/speed.py --threads $$(nproc)
+	$(PY) benchmarks/subbyte.py --threads $$(nproc)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
