@@ -96,7 +96,7 @@ def pack_conv_weight(w: np.ndarray) -> np.ndarray:
 
 def conv2d_reference(x: np.ndarray, w: np.ndarray, stride: int) -> np.ndarray:
     """Exact int64 NumPy conv (NCHW x OIHW, input already padded); returns int64."""
-    n, c, h, wd = x.shape
+    n, _, h, wd = x.shape
     o, _, kh, kw = w.shape
     oh, ow = conv_output_size(h, wd, kh, kw, stride)
     x64, w64 = x.astype(np.int64), w.astype(np.int64)

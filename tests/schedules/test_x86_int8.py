@@ -258,7 +258,7 @@ CONV_CASES = [
 
 
 def _conv_ids(c):
-    n, ch, h, w, o, kh, kw, s = c
+    n, ch, h, w, o, kh, _kw, s = c
     return f"n{n}c{ch}_{h}x{w}_o{o}_k{kh}s{s}"
 
 
