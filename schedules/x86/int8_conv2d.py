@@ -48,7 +48,15 @@ import tvm
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from .int8_dense import KBLOCK, LANES, Requant, _ceil_to, _epilogue_expr, default_target
+from .int8_dense import (
+    KBLOCK,
+    LANES,
+    Requant,
+    _ceil_to,
+    _epilogue_expr,
+    _epilogue_params,
+    default_target,
+)
 from .vnni_intrin import VNNI_INTRIN
 
 
@@ -204,14 +212,7 @@ def int8_conv2d_compute(
         name="acc",
     )
     params = [x, wt]
-    b_t = m0_t = sh_t = None
-    if bias:
-        b_t = te.placeholder((o,), "int32", name="bias")
-        params.append(b_t)
-    if requant is not None:
-        m0_t = te.placeholder((o,), "int32", name="m0")
-        sh_t = te.placeholder((o,), "int32", name="shift")
-        params += [m0_t, sh_t]
+    b_t, m0_t, sh_t = _epilogue_params(o, bias, requant, params)
     # epilogue in the accumulator's (pixel, channel) order, so it vectorises over channels;
     # padded channels read the last real channel's parameters, then are zeroed/dropped.
     out_dtype = requant.out_dtype if requant is not None else "int32"

@@ -125,6 +125,20 @@ def epilogue_reference(
     return y.astype(requant.out_dtype)
 
 
+def _epilogue_params(n: int, bias: bool, requant: Requant | None, params: list):
+    """The epilogue's int32 ``[n]`` inputs (``bias``, ``m0``, ``shift``; ``None`` when not
+    used), appended to ``params`` in the kernels' parameter order."""
+    b_t = m0_t = sh_t = None
+    if bias:
+        b_t = te.placeholder((n,), "int32", name="bias")
+        params.append(b_t)
+    if requant is not None:
+        m0_t = te.placeholder((n,), "int32", name="m0")
+        sh_t = te.placeholder((n,), "int32", name="shift")
+        params += [m0_t, sh_t]
+    return b_t, m0_t, sh_t
+
+
 def _epilogue_expr(x, n, bias, m0, shift, requant: Requant | None):
     if bias is not None:
         x = x + bias[n]
@@ -212,14 +226,7 @@ def int8_dense_compute(
         name="acc",
     )
     params = [a, w]
-    b_t = m0_t = sh_t = None
-    if bias:
-        b_t = te.placeholder((n,), "int32", name="bias")
-        params.append(b_t)
-    if requant is not None:
-        m0_t = te.placeholder((n,), "int32", name="m0")
-        sh_t = te.placeholder((n,), "int32", name="shift")
-        params += [m0_t, sh_t]
+    b_t, m0_t, sh_t = _epilogue_params(n, bias, requant, params)
     c = te.compute(
         (m, n), lambda i, j: _epilogue_expr(acc[i, j], j, b_t, m0_t, sh_t, requant), name="C"
     )
