@@ -19,6 +19,8 @@ Rules (each keyed by the op that produces the value a ``quantize`` consumes)
 - add / multiply of two quantized tensors: both operands rescaled dyadically to a common shift.
 - unary elementwise regions (hard-swish, sigmoid, ...): a lookup table over the input's codes.
 - movement ops (reshape, transpose, max-pool, ...): applied to the integer codes.
+- per-group weights (``multiply(astype(codes), scale)``): one partial sum per group from a
+  grouped convolution / batched matmul, combined with 15-bit integer group weights in int64.
 - mean (global average pooling): int32 sum, then dyadic requantization.
 - concat: operands requantized to the output grid, then concatenated.
 Anything else stays in float, between a dequantize and a quantize; such places are recorded
@@ -43,6 +45,9 @@ from .analysis import emit_like, is_movement
 
 FALLBACK_ATTR = "tvmquant.float_fallbacks"
 INTEGER_ATTR = "tvmquant.integer_only"
+
+GROUP_BITS = 15  # precision of the integer per-group weights (relative to the largest scale)
+MAX_GROUPS = 256
 
 _DTYPE_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
 
@@ -128,6 +133,22 @@ class _LowerMutator(relax.PyExprMutator):
             return None
         return const_value(codes), const_value(s).astype(np.float64), int(call.attrs.axis)
 
+    def _group_weight(self, expr):
+        """Per-group weights, ``multiply(astype(const codes), const scale)``: (codes, scale)."""
+        call = self._producer(expr)
+        if call is None or call.op.name != "relax.multiply" or \
+                not isinstance(call.args[1], Constant):
+            return None
+        cast = self._producer(call.args[0])
+        if cast is None or cast.op.name != "relax.astype" or \
+                not isinstance(cast.args[0], Constant):
+            return None
+        codes = const_value(cast.args[0])
+        if codes.dtype not in (np.int8, np.int16):
+            return None
+        scale = np.broadcast_to(const_value(call.args[1]).astype(np.float64), codes.shape)
+        return codes, scale
+
     def emit(self, expr, name=""):
         return self.builder_.emit(expr, name_hint=name)
 
@@ -169,6 +190,10 @@ class _LowerMutator(relax.PyExprMutator):
             return None
         ndim = len(out_shape)
         w = self._weight(call.args[1])
+        if w is None and (grouped := self._group_weight(call.args[1])) is not None:
+            w = self._lower_grouped(call, a, *grouped)
+            if not isinstance(w, tuple):
+                return w  # grouped accumulator, or None (fallback)
         if w is None:
             b = self._as_dequantized(call.args[1])
             if op != "relax.matmul" or b is None:
@@ -225,6 +250,86 @@ class _LowerMutator(relax.PyExprMutator):
             acc = self.emit(relax.op.add(acc, self._const(corr, "int32")))
         return _Acc(acc, a.scale * ws, ch_axis, ndim)
 
+    def _lower_grouped(self, call, a: _QTensor, wq: np.ndarray, scale: np.ndarray):
+        """Per-group weights: one int32 partial sum per group, combined with integer weights.
+
+        The group scales ``s[c, g]`` of output channel ``c`` are written as
+        ``base[c] * t[c, g] / 2^GROUP_BITS`` with ``base[c] = max_g s[c, g]`` and integer
+        ``t`` (relative error below ``2^-GROUP_BITS``); the accumulator is then
+        ``sum_g t[c, g] * P_g`` in int64, in units of ``a.scale * base / 2^GROUP_BITS``. The
+        partial sums come from one grouped convolution (or one batched matmul) over the
+        groups of the reduction axis, so the graph stays integer-only.
+        """
+        op = call.op.name
+        out_shape = static_shape(call)
+        ndim = len(out_shape)
+        if op == "relax.nn.conv2d":
+            attrs = call.attrs
+            if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or \
+                    int(attrs.groups) != 1:
+                self._note_anchor_fallback(call, "per-group weights on a grouped or non-NCHW "
+                                                 "convolution")
+                return None
+            per_ck = scale[:, :, 0, 0]
+            if np.any(scale != per_ck[:, :, None, None]):
+                return None
+        elif op == "relax.matmul" and wq.ndim == 2:
+            per_ck = scale.T  # (N, K)
+        else:
+            self._note_anchor_fallback(call, "per-group weights on this op")
+            return None
+        found = _group_size(per_ck)
+        if found is None:
+            self._note_anchor_fallback(call, f"more than {MAX_GROUPS} weight groups")
+            return None
+        gs, group_scale = found  # (C, G)
+        n_out, groups = group_scale.shape
+        if groups == 1:  # one group: per-channel weights, the ordinary rule
+            return wq, group_scale[:, 0], 0 if op == "relax.nn.conv2d" else 1
+        base = group_scale.max(axis=1)
+        base = np.where(base > 0, base, 1.0)
+        t = np.round(group_scale / base[:, None] * (1 << GROUP_BITS)).astype(np.int64)
+        if op == "relax.nn.conv2d":
+            kh, kw = wq.shape[2:]
+            wg = wq.reshape(n_out, groups, gs, kh, kw).transpose(1, 0, 2, 3, 4)
+            wsum = wg.astype(np.int64).sum(axis=(2, 3, 4))  # (G, O)
+            data = a.codes
+            padding = [int(p) for p in attrs.padding]
+            if a.zp != 0 and any(padding):
+                top, left, bottom, right = padding
+                data = self.emit(relax.op.nn.pad(
+                    data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(a.zp)))
+                padding = [0, 0, 0, 0]
+            part = self.emit(relax.op.nn.conv2d(
+                data, self._const(wg.reshape(groups * n_out, gs, kh, kw), str(wq.dtype)),
+                strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+                groups=groups, data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32"))
+            n, _, ho, wo = out_shape
+            part = self.emit(relax.op.reshape(part, (n, groups, n_out, ho, wo)))
+            tw = t.T.reshape(1, groups, n_out, 1, 1)
+            red_axis, ch_axis = 1, 1
+        else:
+            lead = out_shape[:-1]
+            rows = int(np.prod(lead)) if lead else 1
+            data = self.emit(relax.op.reshape(a.codes, (rows, groups, gs)))
+            data = self.emit(relax.op.permute_dims(data, [1, 0, 2]))
+            wg = wq.reshape(groups, gs, n_out)
+            wsum = wg.astype(np.int64).sum(axis=1)  # (G, N)
+            part = self.emit(relax.op.matmul(data, self._const(wg, str(wq.dtype)),
+                                             out_dtype="int32"))  # (G, rows, N)
+            tw = t.T.reshape(groups, 1, n_out)
+            red_axis, ch_axis = 0, ndim - 1
+        part = self.emit(relax.op.astype(part, "int64"))
+        part = self.emit(relax.op.multiply(part, self._const(tw, "int64")))
+        acc = self.emit(relax.op.sum(part, axis=[red_axis]))
+        if op == "relax.matmul":
+            acc = self.emit(relax.op.reshape(acc, out_shape))
+        if a.zp != 0:
+            corr = -a.zp * (t.T * wsum).sum(axis=0)  # (O,)
+            acc = self.emit(relax.op.add(acc, self._const(
+                corr.reshape(_channel_shape(ndim, ch_axis, n_out)), "int64")))
+        return _Acc(acc, a.scale * base / (1 << GROUP_BITS), ch_axis, ndim)
+
     def _lower_anchor_dynamic(self, call: relax.Call):
         """Dynamic quantization: integer kernel, float rescale by the run-time input scale."""
         op = call.op.name
@@ -264,7 +369,7 @@ class _LowerMutator(relax.PyExprMutator):
 
     def _note_anchor_fallback(self, call, reason=None):
         if reason is None:
-            reason = "weights not symmetric per-tensor/per-channel int (e.g. per-group)"
+            reason = "weights are not constant symmetric integer codes"
         self.fallbacks.append(f"{call.op.name.split('.')[-1]}: {reason}")
 
     # -- rules producing integer codes for quantize(y, s, z) --------------------------------
@@ -323,7 +428,7 @@ class _LowerMutator(relax.PyExprMutator):
             bias_vec = np.broadcast_to(padded, full).reshape(-1)
             acc_scale = np.broadcast_to(np.asarray(info.scale, np.float64), (nch,))
             bq = np.clip(np.round(bias_vec / acc_scale), -(2**31), 2**31 - 1).astype(np.int32)
-            acc = self.emit(relax.op.add(acc, self._const(bq.reshape(full), "int32")))
+            acc = self.emit(relax.op.add(acc, self._const(bq.reshape(full), dtype_of(acc))))
         return self._requant(acc, info.scale / s, info.ch_axis, info.ndim, z, lo, hi, out_dtype)
 
     def _rule_requant(self, y, s, z, qmin, qmax, out_dtype):
@@ -532,6 +637,22 @@ class _LowerMutator(relax.PyExprMutator):
         new_var = emit_like(self.builder_, var, value)
         self.set_var_remap(var, new_var)
         return new_var
+
+
+def _group_size(per_ck: np.ndarray):
+    """The largest group size whose blocks of ``per_ck[C, K]`` share one value.
+
+    Returns (group size, scales ``[C, K / group size]``), or None for more than
+    ``MAX_GROUPS`` groups.
+    """
+    c, k = per_ck.shape
+    for groups in range(1, min(k, MAX_GROUPS) + 1):
+        if k % groups:
+            continue
+        blocks = per_ck.reshape(c, groups, k // groups)
+        if np.all(blocks == blocks[:, :, :1]):
+            return k // groups, blocks[:, :, 0]
+    return None
 
 
 def _has_quantize(func: relax.Function) -> bool:

@@ -343,7 +343,7 @@ def test_directory_path(tmp_path):
 
 
 def test_wrong_argument_type():
-    with pytest.raises(FrontendError, match="path to an .onnx file or an onnx.ModelProto"):
+    with pytest.raises(FrontendError, match=r"path to an \.onnx file or an onnx\.ModelProto"):
         load_onnx(12345)
 
 

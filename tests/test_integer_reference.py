@@ -191,12 +191,9 @@ def test_other_presets_quantize_and_stay_close(preset):
         assert text.count('out_dtype="int32"') == 2 and "R.max(" in text
         assert q.report["lowering_fallbacks"] == []
         return
-    if preset == "int8-per-tensor":  # per-tensor weights lower completely, bias included
-        assert q.report["lowering_fallbacks"] == []
-        assert [item["op"] for item in q.report["float_layers"]] == ["astype"]  # the output cast
-    else:  # per-group weights have no integer rule yet: reported as float layers
-        assert q.report["summary"]["float_layers"] >= 1
-        assert all(item["reason"] for item in q.report["float_layers"])
+    # per-tensor and per-group weights lower completely, bias included
+    assert q.report["lowering_fallbacks"] == []
+    assert [item["op"] for item in q.report["float_layers"]] == ["astype"]  # the output cast
 
 
 def test_layer_errors_point_at_the_damaged_layer():

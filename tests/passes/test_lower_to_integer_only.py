@@ -160,3 +160,84 @@ def test_leaves_alone_float_module():
     before = _qdq_function(body, "float32")
     after = run_pass(LowerToIntegerOnly(), before)
     tvm.ir.assert_structural_equal(after, before)
+
+
+def _group_scaled(bb, codes, scale):
+    """Per-group weights as InsertFakeQuant spells them: codes times a full scale tensor."""
+    f = bb.emit(relax.op.astype(relax.const(codes, "int8"), "float32"))
+    return bb.emit(relax.op.multiply(f, relax.const(scale.astype("float32"))))
+
+
+def test_per_group_matmul_is_grouped_partial_sums():
+    rng = np.random.default_rng(5)
+    k, n, gs = 8, 4, 4
+    wq = rng.integers(-8, 8, (k, n)).astype("int8")
+    gscale = rng.uniform(0.01, 0.04, (n, k // gs))  # (channels, groups)
+    full = np.repeat(gscale, gs, axis=1).T  # (K, N), like InsertFakeQuant
+    sx, zx, so, zo = 0.1, 3, 0.05, 7
+
+    def before(bb, x):
+        xd = bb.emit(relax.op.dequantize(x, _c(sx, "float32"), _c(zx, "int32")))
+        m = bb.emit(relax.op.matmul(xd, _group_scaled(bb, wq, full)))
+        return relax.op.quantize(m, _c(so, "float32"), _c(zo, "int32"), out_dtype="uint8")
+
+    gs32 = full.T.astype(np.float32).astype(np.float64)[:, ::gs]  # the stored scales
+    base = gs32.max(axis=1)
+    t = np.round(gs32 / base[:, None] * 2**15).astype(np.int64)
+
+    def expected(bb, x):
+        d = bb.emit(relax.op.reshape(x, (2, 2, gs)))
+        d = bb.emit(relax.op.permute_dims(d, [1, 0, 2]))
+        p = bb.emit(relax.op.matmul(d, relax.const(wq.reshape(2, gs, n), "int8"),
+                                    out_dtype="int32"))
+        p = bb.emit(relax.op.astype(p, "int64"))
+        p = bb.emit(relax.op.multiply(p, relax.const(t.T.reshape(2, 1, n), "int64")))
+        acc = bb.emit(relax.op.sum(p, axis=[0]))
+        acc = bb.emit(relax.op.reshape(acc, (2, n)))
+        wsum = wq.astype(np.int64).reshape(2, gs, n).sum(axis=1)
+        corr = (-zx * (t.T * wsum).sum(axis=0)).reshape(1, n)
+        acc = bb.emit(relax.op.add(acc, relax.const(corr, "int64")))
+        dd = dyadic(np.float32(sx) * base / 2**15 / np.float32(so))
+        v = bb.emit(relax.op.astype(acc, "int64"))
+        v = bb.emit(relax.op.multiply(v, relax.const(dd.m0.reshape(1, n), "int64")))
+        v = bb.emit(relax.op.add(v, relax.const(
+            np.left_shift(1, dd.shift - 1).reshape(1, n), "int64")))
+        v = bb.emit(relax.op.right_shift(v, relax.const(dd.shift.reshape(1, n), "int64")))
+        v = bb.emit(relax.op.add(v, _c(zo, "int64")))
+        v = bb.emit(relax.op.clip(v, 0, 255))
+        return bb.emit(relax.op.astype(v, "uint8"))
+
+    after = run_pass(LowerToIntegerOnly(), _qdq_function(before, shape=(2, k)))
+    tvm.ir.assert_structural_equal(after, _with_attrs(_qdq_function(expected, shape=(2, k))))
+
+
+def test_per_group_numerics_match_fake_quant():
+    """Grouped conv2d and matmul: integer codes within one step of the QDQ module's."""
+    rng = np.random.default_rng(6)
+    c, o, gs, hw = 16, 6, 4, 5
+    wc = rng.integers(-8, 8, (o, c, 3, 3)).astype("int8")
+    sc = np.repeat(rng.uniform(0.005, 0.05, (o, c // gs)), gs, axis=1)[:, :, None, None]
+    sc = np.broadcast_to(sc, wc.shape)
+    wm = rng.integers(-8, 8, (o * hw * hw, 8)).astype("int8")
+    sm = np.repeat(rng.uniform(0.001, 0.01, (8, o * hw * hw // 30)), 30, axis=1).T
+    sx, zx, s1, z1, s2, z2 = 0.02, 100, 0.05, 120, 0.2, 128
+
+    def before(bb, x):
+        xd = bb.emit(relax.op.dequantize(x, _c(sx, "float32"), _c(zx, "int32")))
+        y = bb.emit(relax.op.nn.conv2d(xd, _group_scaled(bb, wc, sc), padding=1))
+        y = bb.emit(relax.op.quantize(y, _c(s1, "float32"), _c(z1, "int32"), out_dtype="uint8"))
+        y = bb.emit(relax.op.reshape(y, (1, o * hw * hw)))
+        y = bb.emit(relax.op.dequantize(y, _c(s1, "float32"), _c(z1, "int32")))
+        y = bb.emit(relax.op.matmul(y, _group_scaled(bb, wm, sm)))
+        return relax.op.quantize(y, _c(s2, "float32"), _c(z2, "int32"), out_dtype="uint8")
+
+    mod = _qdq_function(before, shape=(1, c, hw, hw))
+    after = run_pass(LowerToIntegerOnly(), mod)
+    assert [str(s) for s in after["main"].attrs[FALLBACK_ATTR]] == []
+    text = after.script()
+    assert "groups=4" in text and "float32" not in text.split("def main")[1].split("->")[1]
+    for _ in range(3):  # fresh inputs
+        x = rng.integers(0, 256, (1, c, hw, hw)).astype("uint8")
+        got, ref = run_module(after, x).astype(int), run_module(mod, x).astype(int)
+        assert np.max(np.abs(got - ref)) <= 1, np.max(np.abs(got - ref))
+        assert np.mean(got != ref) < 0.05
