@@ -448,5 +448,5 @@ def test_checker_failure_on_model_proto():
     model = _model([helper.make_node("Relu", ["x"], ["y"])],
                    [_vi("x", TensorProto.FLOAT, [1, 4])], [_vi("y", TensorProto.FLOAT, [1, 4])])
     model.graph.node[0].input[0] = "does_not_exist"
-    with pytest.raises(FrontendError, match="not a valid ONNX model: onnx.checker"):
+    with pytest.raises(FrontendError, match=r"not a valid ONNX model: onnx\.checker"):
         load_onnx(model)
