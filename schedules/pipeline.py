@@ -4,7 +4,9 @@ TVM 0.27's ``tvm.compile`` lowers a Relax module for a CPU without fusing operat
 without scheduling the kernels (every op is its own single-threaded loop nest). This pipeline
 is the same lowering with the missing middle filled in, in phases:
 
-1. *dispatch*: integer conv2d/matmul/transposed-conv chains to tvmquant's tensorized kernels
+1. *dispatch*: few-bit matmuls to the bit-serial and sub-byte kernels
+   (:class:`~tvmquant.schedules.x86.dispatch_subbyte.DispatchSubByte`), then integer
+   conv2d/matmul/transposed-conv chains to tvmquant's tensorized int8 kernels
    (:class:`~tvmquant.schedules.x86.dispatch.DispatchX86Int8`, on VNNI targets);
 2. *legalize and fuse*: ``LegalizeOps``, ``AnnotateTIROpPattern``, ``FoldConstant``,
    ``FuseOps``, ``FuseTIR`` (tensorized kernels are opaque: nothing fuses into them);
@@ -88,9 +90,11 @@ def fusion_phases(target: tvm.target.Target, *, kernels: bool = True,
     dispatch = []
     if kernels and target.kind.name == "llvm":
         from .x86.dispatch import DispatchX86Int8, target_has_vnni
+        from .x86.dispatch_subbyte import DispatchSubByte
 
-        if target_has_vnni(target):
-            dispatch = [DispatchX86Int8()]
+        vnni = target_has_vnni(target)
+        # few-bit matmuls first: the int8 dispatch would take them as int8 otherwise
+        dispatch = [DispatchSubByte(gemv=vnni), *([DispatchX86Int8()] if vnni else [])]
     fusion = [rx.AnnotateTIROpPattern(), rx.FoldConstant(), rx.FuseOps(), rx.FuseTIR()]
     return [*dispatch, backend.DispatchSampling(), backend.DispatchSortScan(),
             rx.LegalizeOps(), *(fusion if fuse else [])]

@@ -63,6 +63,24 @@ def small_convnet(seed: int = 0, channels: int = 8, size: int = 12,
     return bb.get()
 
 
+def mlp(dims=(64, 128, 256, 128, 10), seed: int = 0) -> tvm.IRModule:
+    """matmul -> relu -> ... -> matmul on a ``(1, dims[0])`` input ``x`` (layers ``matmul_i``)."""
+    rng = np.random.default_rng(seed)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, dims[0]), "float32"))
+    with bb.function("main", [x], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = x
+            for i, (a, b) in enumerate(zip(dims, dims[1:])):
+                w = rng.normal(0, 1 / np.sqrt(a), (a, b)).astype("float32")
+                y = bb.emit(relax.op.matmul(y, relax.const(w)))
+                if i < len(dims) - 2:
+                    y = bb.emit(relax.op.nn.relu(y))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 def random_inputs(n: int, shape=(1, 3, 12, 12), seed: int = 1, name: str = "x"):
     """``n`` calibration samples ``{name: ndarray}`` drawn from N(0, 1)."""
     rng = np.random.default_rng(seed)

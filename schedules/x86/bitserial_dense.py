@@ -148,3 +148,32 @@ def bitserial_dense(m: int, n: int, k: int, *, mode: str = "unipolar", abits: in
                         C[r, col] = C[r, col] + T.Cast("int32", acc[lane])
 
     return tvm.IRModule({"main": dense})
+
+
+def bitpack_kernel(m: int, k: int, bits: int) -> tvm.IRModule:
+    """Run-time :func:`bitpack` of activation codes: ``A[m, k]`` u8 -> ``[bits, m, words]``.
+
+    Bit ``t`` of word ``w`` of plane ``b`` is bit ``b`` of ``A[r, 64 w + t]`` (zero past
+    ``k``), the layout :func:`bitserial_dense` reads. Rows run in parallel; the 64 bits of a
+    word are gathered with shifts and ORs.
+    """
+    words = padded_words(k)
+
+    @T.prim_func(s_tir=True)
+    def pack(A: T.Buffer((m, k), "uint8"), P: T.Buffer((bits, m, words), "uint64")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for r in T.parallel(m):
+            for b, w in T.grid(bits, words):
+                with T.sblock("pack"):
+                    T.reads(A[r, 0:k])
+                    T.writes(P[b, r, w])
+                    P[b, r, w] = T.uint64(0)
+                    for t in range(WORD):
+                        if w * WORD + t < k:
+                            P[b, r, w] = P[b, r, w] | T.shift_left(
+                                T.Cast("uint64", T.bitwise_and(
+                                    T.shift_right(A[r, w * WORD + t], T.Cast("uint8", b)),
+                                    T.uint8(1))),
+                                T.Cast("uint64", t))
+
+    return tvm.IRModule({"main": pack})

@@ -1,0 +1,187 @@
+"""DispatchSubByte: run integer matmuls with few-bit operands on the sub-byte kernels.
+
+Preconditions: an integer-only module from :class:`~tvmquant.passes.LowerToIntegerOnly`, whose
+matmuls are spelled ``matmul(u8 codes, const s8 codes [K, N], out_dtype="int32")``. Weights
+quantized below 8 bits are stored in int8 containers; their value range tells how many bits
+they need (a per-channel int8 weight always reaches +-127, a 4-bit one stays in [-8, 7]).
+The activation's bits come from the clamp that produced it (``clip(x, 0, 2^b - 1)``).
+
+Rules, first match wins:
+
+- **bit-serial** (activations and weights of at most 3 bits, the ``QuantSpec(bits=1..3)``
+  layers): the activation codes are bit-packed at run time (:func:`bitpack_kernel`), the
+  weights once at compile time, and the product is a popcount dense
+  (:func:`bitserial_dense`, unipolar activations x two's-complement weights).
+- **sub-byte GEMV** (weights of 2 or 4 bits, at most :data:`MAX_GEMV_ROWS` rows, VNNI
+  targets): the weights packed two or four per byte (:func:`pack_subbyte`), unpacked in
+  registers; the memory-bound batch-1 shapes where fewer weight bytes are less time.
+
+Only the integer product is replaced; the zero-point correction, bias and requantization
+that follow stay graph ops (fused by FuseOps). The packed constants are what the compiled
+module stores, so the weights shrink in the file as well.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..._compat import Constant, const_value, dtype_of, static_shape
+from ...passes.analysis import emit_like
+from .bitserial_dense import bitpack, bitpack_kernel, bitserial_dense
+from .subbyte_gemv import LANES, k_block, pack_subbyte, subbyte_gemv
+
+MAX_GEMV_ROWS = 8
+MAX_BITSERIAL_BITS = 3
+
+
+def signed_bits(w: np.ndarray) -> int:
+    """The fewest two's-complement bits holding every value of ``w`` (1 for {0, 1})."""
+    lo, hi = int(w.min(initial=0)), int(w.max(initial=0))
+    if lo >= 0 and hi <= 1:
+        return 1
+    bits = 2
+    while not (-(1 << (bits - 1)) <= lo and hi <= (1 << (bits - 1)) - 1):
+        bits += 1
+    return bits
+
+
+def _kernel_func(mod: tvm.IRModule, name: str) -> tvm.tirx.PrimFunc:
+    return mod["main"].with_attrs({"global_symbol": name, "op_pattern": 8,
+                                   "tirx.is_scheduled": True})
+
+
+@relax.expr_functor.mutator
+class _SubByteDispatcher(relax.PyExprMutator):
+    def __init__(self, mod, func, gemv: bool):
+        super().__init__(mod)
+        self.gemv = gemv
+        self.kernels: dict[tuple, relax.GlobalVar] = {}
+        self.value = {}
+        for block in func.body.blocks:
+            for b in block.bindings:
+                self.value[b.var] = b.value
+        self.picked: list[str] = []
+
+    def _kernel(self, key, build):
+        if key not in self.kernels:
+            name = f"tvmquant_x86_{key[0]}_{len(self.kernels)}"
+            self.kernels[key] = self.builder_.add_func(_kernel_func(build(), name), name)
+        return self.kernels[key]
+
+    def _activation_bits(self, data) -> int:
+        """Bits of unsigned activation codes, from the clamp that produced them (8 if none)."""
+        v = self.value.get(data)
+        if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and \
+                v.op.name == "relax.astype":
+            v = self.value.get(v.args[0])
+        if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op)
+                and v.op.name == "relax.clip"):
+            return 8
+        lo, hi = v.args[1], v.args[2]
+        if not hasattr(lo, "value") or int(lo.value) < 0:
+            return 8
+        return max(1, int(hi.value).bit_length())
+
+    def _rows(self, data):
+        shape = static_shape(data)
+        if shape is None or len(shape) < 2:
+            return None
+        return int(np.prod(shape[:-1])), shape[-1]
+
+    def _bitserial(self, call, w, abits, wbits):
+        data = self.visit_expr(call.args[0])
+        rows, k = self._rows(call.args[0])
+        n = w.shape[1]
+        bb = self.builder_
+        flat = bb.emit(relax.op.reshape(data, (rows, k)))
+        pack = self._kernel(("bitpack", rows, k, abits),
+                            lambda: bitpack_kernel(rows, k, abits))
+        planes = bb.emit(relax.call_tir(pack, [flat], relax.TensorType(
+            (abits, rows, bitpack(np.zeros((1, k)), 1).shape[-1]), "uint64")))
+        dense = self._kernel(("bitserial", rows, n, k, abits, wbits),
+                             lambda: bitserial_dense(rows, n, k, mode="unipolar", abits=abits,
+                                                     wbits=wbits))
+        wplanes = relax.const(bitpack(w.T.astype(np.int64), wbits), "uint64")
+        out = bb.emit(relax.call_tir(dense, [planes, wplanes],
+                                     relax.TensorType((rows, n), "int32")))
+        return relax.op.reshape(out, static_shape(call))
+
+    def _gemv(self, call, w, wbits):
+        data = self.visit_expr(call.args[0])
+        rows, k = self._rows(call.args[0])
+        n = w.shape[1]
+        kb = k_block(wbits)
+        kp = -(-k // kb) * kb
+        bb = self.builder_
+        flat = bb.emit(relax.op.reshape(data, (rows, k)))
+        if kp != k:
+            flat = bb.emit(relax.op.nn.pad(flat, [0, 0, 0, kp - k], pad_value=0.0))
+        gv = self._kernel(("gemv", rows, n, kp, wbits),
+                          lambda: subbyte_gemv(rows, n, kp, wbits))
+        packed = relax.const(pack_subbyte(w.T, wbits), "int8")
+        n_pad = -(-n // LANES) * LANES
+        out = bb.emit(relax.call_tir(gv, [flat, packed], relax.TensorType((rows, n_pad),
+                                                                          "int32")))
+        if n_pad != n:
+            out = bb.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n]))
+        return relax.op.reshape(out, static_shape(call))
+
+    def visit_var_binding_(self, binding):
+        call = binding.value
+        if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and \
+                call.op.name == "relax.matmul" and str(call.attrs.out_dtype) == "int32" and \
+                dtype_of(call.args[0]) == "uint8" and isinstance(call.args[1], Constant) and \
+                isinstance(call.args[0], relax.Var) and self._rows(call.args[0]) is not None:
+            w = const_value(call.args[1])
+            if w.dtype == np.int8 and w.ndim == 2:
+                new = self._pick(call, w)
+                if new is not None:
+                    self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, new))
+                    return
+        super().visit_var_binding_(binding)
+
+    def _pick(self, call, w):
+        wbits = signed_bits(w)
+        abits = self._activation_bits(call.args[0])
+        rows, _ = self._rows(call.args[0])
+        if abits <= MAX_BITSERIAL_BITS and wbits <= MAX_BITSERIAL_BITS:
+            self.picked.append(f"bitserial a{abits}w{wbits}")
+            return self._bitserial(call, w, abits, wbits)
+        if self.gemv and wbits <= 4 and rows <= MAX_GEMV_ROWS:
+            bits = 2 if wbits <= 2 else 4
+            self.picked.append(f"gemv w{bits}")
+            return self._gemv(call, w, bits)
+        return None
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvmquant.DispatchSubByte")
+class DispatchSubByte:
+    """Replace few-bit integer matmuls by bit-serial or sub-byte GEMV kernels.
+
+    Parameters
+    ----------
+    gemv : bool
+        Allow the sub-byte GEMV kernels (they need AVX-512 VNNI).
+    func_name : str
+        The Relax function to rewrite.
+    """
+
+    def __init__(self, gemv: bool = True, func_name: str = "main"):
+        self.gemv = gemv
+        self.func_name = func_name
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        func = mod[self.func_name]
+        dispatcher = _SubByteDispatcher(mod, func, self.gemv)
+        new_func = dispatcher.visit_expr(func)
+        if not dispatcher.picked:
+            return mod
+        new_mod = dispatcher.builder_.get()
+        new_mod[self.func_name] = new_func.with_attr("tvmquant.subbyte_kernels",
+                                                     list(dispatcher.picked))
+        return relax.transform.DeadCodeElimination()(new_mod)
+
+
+__all__ = ["DispatchSubByte", "signed_bits"]

@@ -1,0 +1,148 @@
+"""DispatchSubByte: few-bit matmuls onto the bit-serial and sub-byte GEMV kernels.
+
+A small network mixing 8-, 4-, 2- and 1-bit layers runs end to end, bit-exact with the same
+integer module on TVM's default kernels; the packed weights make the compiled file smaller.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvmquant.schedules.x86.bitserial_dense import bitpack, bitpack_kernel, bitserial_dense
+from tvmquant.schedules.x86.dispatch_subbyte import DispatchSubByte, signed_bits
+
+import tvmquant
+from tvmquant.config import LayerOverride, get_preset
+from tvmquant.spec import QuantSpec
+from tvmquant.testing import mlp
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def _need_vnni():
+    if not _cpu_has("avx512_vnni"):
+        pytest.skip("this CPU has no AVX-512 VNNI (avx512_vnni not in /proc/cpuinfo): the "
+                    "sub-byte GEMV kernels cannot run here")
+
+
+def _mixed_config():
+    """matmul_0 and matmul_3 int8; matmul_1 int4 weights writing 1-bit activations;
+    matmul_2 ternary (2-bit restricted range) weights reading them."""
+    base = get_preset("int8")
+    return base.with_overrides(
+        LayerOverride("matmul_1", weight=base.weight.with_(bits=4),
+                      activation=QuantSpec(bits=1, signed=False, symmetric=True)),
+        LayerOverride("matmul_2", weight=base.weight.with_(bits=2)),
+    )
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.normal(0, 1, (1, 64)).astype("float32")} for _ in range(8)]
+    return tvmquant.quantize(mlp(), calib, _mixed_config(), progress=False)
+
+
+def test_signed_bits():
+    assert signed_bits(np.array([0, 1])) == 1
+    assert signed_bits(np.array([-1, 0, 1])) == 2
+    assert signed_bits(np.array([-4, 3])) == 3
+    assert signed_bits(np.array([-8, 7])) == 4
+    assert signed_bits(np.array([-127, 127])) == 8
+
+
+def test_mixed_network_picks_a_kernel_per_layer(mixed):
+    assert mixed.report["lowering_fallbacks"] == []
+    after = DispatchSubByte()(mixed.mod)
+    relax.analysis.well_formed(after)
+    assert list(after["main"].attrs["tvmquant.subbyte_kernels"]) == ["gemv w4",
+                                                                    "bitserial a1w2"]
+    text = after["main"].script()
+    assert text.count("R.matmul") == 2  # the two int8 layers (VNNI dispatch takes them later)
+    # without VNNI only the bit-serial layer is taken
+    no_vnni = DispatchSubByte(gemv=False)(mixed.mod)
+    assert list(no_vnni["main"].attrs["tvmquant.subbyte_kernels"]) == ["bitserial a1w2"]
+
+
+def test_bitserial_structure():
+    """Before/Expected: one few-bit matmul becomes bitpack + popcount dense."""
+    rng = np.random.default_rng(1)
+    w = rng.integers(-1, 2, (70, 5)).astype("int8")
+
+    def function(body):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((2, 70), "uint8"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                a = bb.emit(relax.op.clip(x, 0, 3))
+                out = bb.emit_output(body(bb, a))
+            bb.emit_func_output(out)
+        return bb
+
+    before = function(lambda bb, a: relax.op.matmul(a, relax.const(w, "int8"),
+                                                    out_dtype="int32")).get()
+
+    def expected_body(bb, a):
+        def add(mod, name):
+            f = mod["main"].with_attrs({"global_symbol": name, "op_pattern": 8,
+                                        "tirx.is_scheduled": True})
+            return bb.add_func(f, name)
+
+        pack = add(bitpack_kernel(2, 70, 2), "tvmquant_x86_bitpack_0")
+        dense = add(bitserial_dense(2, 5, 70, mode="unipolar", abits=2, wbits=2),
+                    "tvmquant_x86_bitserial_1")
+        flat = bb.emit(relax.op.reshape(a, (2, 70)))
+        planes = bb.emit(relax.call_tir(pack, [flat], relax.TensorType((2, 2, 8), "uint64")))
+        out = bb.emit(relax.call_tir(dense, [planes, relax.const(bitpack(w.T, 2), "uint64")],
+                                     relax.TensorType((2, 5), "int32")))
+        return relax.op.reshape(out, (2, 5))
+
+    bb = function(expected_body)
+    expected = bb.get()
+    expected["main"] = expected["main"].with_attr("tvmquant.subbyte_kernels",
+                                                  ["bitserial a2w2"])
+    tvm.ir.assert_structural_equal(DispatchSubByte()(before), expected)
+
+
+def test_mixed_network_bit_exact_and_close_to_float(mixed):
+    _need_vnni()
+    fast = relax.VirtualMachine(tvmquant.build(mixed.mod, TARGET), tvm.cpu())
+    plain = relax.VirtualMachine(tvmquant.build(mixed.mod, TARGET, kernels=False,
+                                                schedules=False), tvm.cpu())
+    fq = relax.VirtualMachine(tvm.compile(mixed.fake_quant_mod, TARGET), tvm.cpu())
+    rng = np.random.default_rng()  # fresh inputs every run
+    for _ in range(4):
+        x = tvm.runtime.tensor(rng.normal(0, 1, (1, 64)).astype("float32"))
+        got, ref = fast["main"](x).numpy(), plain["main"](x).numpy()
+        np.testing.assert_array_equal(got, ref)
+        sim = fq["main"](x).numpy()  # the integer graph computes what was simulated
+        assert np.abs(got - sim).max() <= 2 * np.abs(sim).max() / 127 + 1e-6
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_packed_weights_shrink_the_compiled_file(tmp_path, bits):
+    """One 1024x1024 matmul: the exported library holds K*N*bits/8 weight bytes, not K*N."""
+    _need_vnni()
+    rng = np.random.default_rng(2)
+    calib = [{"x": rng.normal(0, 1, (1, 1024)).astype("float32")} for _ in range(2)]
+    model = mlp((1024, 1024), seed=3)
+    base = get_preset("int8")
+    sizes = {}
+    for b in (8, bits):
+        q = tvmquant.quantize(model, calib, base.with_overrides(
+            LayerOverride("*", weight=base.weight.with_(bits=b))), progress=False)
+        path = tmp_path / f"w{b}.so"
+        tvmquant.build(q.mod, TARGET).export_library(str(path))
+        sizes[b] = path.stat().st_size
+    saved = sizes[8] - sizes[bits]
+    expected = 1024 * 1024 * (8 - bits) // 8
+    assert 0.97 * expected <= saved <= 1.03 * expected, (sizes, expected)
