@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -71,7 +72,7 @@ def mlp(dims=(64, 128, 256, 128, 10), seed: int = 0) -> tvm.IRModule:
     with bb.function("main", [x], attrs={"num_input": 1}):
         with bb.dataflow():
             y = x
-            for i, (a, b) in enumerate(zip(dims, dims[1:])):
+            for i, (a, b) in enumerate(itertools.pairwise(dims)):
                 w = rng.normal(0, 1 / np.sqrt(a), (a, b)).astype("float32")
                 y = bb.emit(relax.op.matmul(y, relax.const(w)))
                 if i < len(dims) - 2:
