@@ -427,3 +427,42 @@ def test_export_library_atomic_keeps_previous_file(tmp_path):
         export_library_atomic(Failing(), path)
     assert path.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["model.so"]
+
+
+# --------------------------------------------------------------------------------------------
+# mixed precision
+# --------------------------------------------------------------------------------------------
+
+
+def _mixed_args(files, folder, *budget):
+    return ["mixed-precision", files["model"], "--input-shapes", f"{INPUT}:1,3,16,16",
+            "--target", TARGET, "--calibration-data", files["calib"], *budget,
+            "--output", folder / "mp.so", "--latency-table", folder / "lat.json",
+            "--sensitivity-cache", folder / "sens.json", "--no-progress"]
+
+
+def test_mixed_precision_writes_model_report_and_plots(files, tmp_path):
+    code, out, err = _main([*_mixed_args(files, tmp_path, "--size-budget", "0.75x-int8"),
+                            "--report", tmp_path / "mp.json", "--plots", tmp_path])
+    assert code == 0, err
+    report = json.loads((tmp_path / "mp.json").read_text())
+    assert report["counts"]["int4"] >= 1  # 0.75x the int8 bytes needs some 4-bit layers
+    assert report["size_bytes"] <= report["budgets"][0]["limit"]
+    assert "predicted" in out and "measured" in out
+    for name in ("tiny-sensitivity.png", "tiny-pareto.png", "mp.so", "lat.json", "sens.json"):
+        assert (tmp_path / name).is_file(), name
+    # the table is reused: a second search measures nothing new
+    before = (tmp_path / "lat.json").read_text()
+    code, _, err = _main(_mixed_args(files, tmp_path, "--latency-budget", "2x-int8"))
+    assert code == 0, err
+    assert (tmp_path / "lat.json").read_text() == before
+
+
+def test_mixed_precision_errors_leave_nothing(files, tmp_path):
+    code, _, err = _main(_mixed_args(files, tmp_path))
+    assert code == 2 and "give a budget" in err
+    code, _, err = _main(_mixed_args(files, tmp_path, "--size-budget", "10"))
+    assert code == 2 and "least any assignment reaches" in err
+    code, _, err = _main(_mixed_args(files, tmp_path, "--latency-budget", "fast"))
+    assert code == 2 and "cannot read latency budget" in err
+    assert not (tmp_path / "mp.so").exists()

@@ -131,9 +131,36 @@ examples:
       --work-dir tuning/ --trials 512
   tvmquant compile model.onnx ... --tuning-records tuning/ --output model.so
   tvmquant run model.so --inputs inputs.npz --output outputs.npz --repeat 20
+  tvmquant mixed-precision model.onnx --target x86-vnni --calibration-data calib.npz \
+      --latency-budget 0.8x-int8 --output model.so --report report.json --plots plots/
 
 Run 'tvmquant SUBCOMMAND --help' for the options of each subcommand.
 exit status: 0 success, 2 user error (bad model, data, option or path), 1 internal error.
+"""
+
+
+_MIXED_EPILOG = """\
+examples:
+  tvmquant mixed-precision det.onnx --input-shapes x:1,3,320,320 --target x86-vnni \\
+      --calibration-data calib.npz --latency-budget 0.8x-int8 --output det.so \\
+      --report report.json --plots plots/
+  tvmquant mixed-precision rec.onnx ... --size-budget 2MB --precisions int8,int4
+
+budgets (at least one; several are all met):
+  --latency-budget 0.8x-int8   0.8 times the uniform int8 model's latency (or 12ms, 0.5s)
+  --size-budget 0.6x-int8      weight bytes (or 4MB, 300KiB, 1e6)
+  --bops-budget 0.5x-int8      bit operations, MACs x weight bits x activation bits (or 2G)
+  'x-float', 'x-int8', 'x-int4' name the uniform assignment the factor applies to.
+
+how it chooses:
+  Each conv2d/matmul layer gets one of the --precisions (weights; activations stay 8-bit).
+  Its sensitivity at each precision is measured on the first --sensitivity-samples
+  calibration samples (kl: the output's divergence from float with only that layer
+  quantized; hessian: Hutchinson's Hessian trace times the weight perturbation), its
+  latency on the target with tvmquant's kernels (a lookup table cached in
+  --latency-table, shared by every model). An integer linear program (scipy's milp) then
+  minimises the total sensitivity within the budgets. The chosen model is compiled and
+  timed: the report gives the table's predicted latency next to the measured one.
 """
 
 
@@ -286,6 +313,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no calibration progress bar")
     p.set_defaults(func=_cmd_compile)
+
+    # --- mixed-precision ----------------------------------------------------------------
+    p = sub.add_parser(
+        "mixed-precision",
+        help="choose each layer's precision (float/int8/int4) under a latency, size or BOPs "
+        "budget, and compile the result",
+        description=_para(
+            "HAWQ-V3-style mixed precision: per-layer sensitivity on calibration data, "
+            "per-layer latency measured on the target, an integer linear program under the "
+            "budgets. Writes the compiled model, and optionally a JSON report and PNG plots "
+            "(per-layer sensitivity, Pareto front). Output files are written atomically."
+        ),
+        epilog=_MIXED_EPILOG,
+        formatter_class=_Formatter,
+        parents=[verbose],
+    )
+    p.add_argument("model", metavar="MODEL.onnx", help="the float ONNX model")
+    p.add_argument("-o", "--output", required=True, metavar="PATH",
+                   help="the shared library to write (the chosen mixed-precision model)")
+    p.add_argument("--input-shapes", action="append", metavar="SHAPES", default=[],
+                   help="static input shapes, as for compile")
+    p.add_argument("--target", default="native", metavar="TARGET",
+                   help="where latencies are measured and the model compiled (default: native)")
+    p.add_argument("--calibration-data", required=True, metavar="CALIB.npz",
+                   help="calibration samples (as for compile)")
+    p.add_argument("--latency-budget", metavar="BUDGET", help="e.g. 0.8x-int8 or 12ms")
+    p.add_argument("--size-budget", metavar="BUDGET", help="e.g. 0.6x-int8 or 4MB")
+    p.add_argument("--bops-budget", metavar="BUDGET", help="e.g. 0.5x-int8 or 2G")
+    p.add_argument("--precisions", default="float,int8,int4", metavar="LIST",
+                   help="candidate precisions per layer (default: float,int8,int4)")
+    p.add_argument("--sensitivity", default="kl", choices=["kl", "hessian"],
+                   help="sensitivity measure (default: kl)")
+    p.add_argument("--sensitivity-samples", type=_positive_int, default=4, metavar="N",
+                   help="calibration samples used for sensitivity (default: 4)")
+    p.add_argument("--latency-table", metavar="FILE",
+                   default=str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                               / "tvmquant" / "latency.json"),
+                   help="measured layer latencies, reused across models (default: %(default)s)")
+    p.add_argument("--sensitivity-cache", metavar="FILE",
+                   default=str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                               / "tvmquant" / "sensitivity.json"),
+                   help="sensitivities per model and data, reused when they match "
+                   "(default: %(default)s)")
+    p.add_argument("--report", metavar="REPORT.json", help="write the search's report as JSON")
+    p.add_argument("--plots", metavar="DIR", help="write sensitivity and Pareto plots (PNG)")
+    p.add_argument("--tuning-records", metavar="DIR",
+                   help="tuned kernels ('tvmquant tune') for every build and measurement")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_mixed_precision)
 
     # --- tune -----------------------------------------------------------------------------
     p = sub.add_parser(
@@ -606,6 +682,69 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if rep.interrupted:
         _out("interrupted: run the same command again to resume")
         return 130
+    return 0
+
+
+def _cmd_mixed_precision(args: argparse.Namespace) -> int:
+    """``tvmquant mixed-precision``: sensitivity + latency table -> ILP -> compiled model."""
+    from .mixed_precision import LatencyTable, search, write_plots
+
+    model_path = Path(args.model)
+    if not model_path.exists():
+        raise FileNotFoundError(f"ONNX model {args.model!r} does not exist")
+    _check_output_path(args.output, "output", [args.model])
+    if args.report:
+        _check_output_path(args.report, "report", [args.model])
+    if args.plots and not Path(args.plots).is_dir():
+        raise CLIError(f"--plots folder {args.plots!r} does not exist")
+    if not Path(args.calibration_data).exists():
+        raise CalibrationDataError(f"calibration data {args.calibration_data!r} does not exist")
+    if not (args.latency_budget or args.size_budget or args.bops_budget):
+        raise CLIError("give a budget: --latency-budget, --size-budget or --bops-budget "
+                       "(e.g. --latency-budget 0.8x-int8)")
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    try:
+        target = resolve_target(args.target)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    table_path = Path(args.latency_table)
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    Path(args.sensitivity_cache).parent.mkdir(parents=True, exist_ok=True)
+    table = LatencyTable(table_path)
+    shapes = parse_input_shapes(";".join(args.input_shapes))
+    mod, _params, inputs = load_onnx(model_path, shapes or None)
+    samples = _load_calibration(args.calibration_data, inputs, _relax_names(mod, inputs))
+    database = records_database(args.tuning_records) if args.tuning_records else None
+    result = search(mod, samples, target, latency_budget=args.latency_budget,
+                    size_budget=args.size_budget, bops_budget=args.bops_budget,
+                    precisions=precisions, sensitivity=args.sensitivity,
+                    sensitivity_samples=args.sensitivity_samples, latency_table=table,
+                    cache=args.sensitivity_cache, database=database,
+                    progress=not args.no_progress)
+    report = dict(result.report, model=str(args.model), output=str(args.output),
+                  tvmquant_version=__version__)
+    report_text = json_dumps(report) if args.report else None
+    export_library_atomic(result.executable, args.output)
+    if report_text is not None:
+        atomic_write_bytes(args.report, report_text.encode("utf-8"))
+    plots = write_plots(result, args.plots, model_path.stem) if args.plots else []
+    lat = report["latency_ms"]
+    _out(f"tvmquant: mixed precision for {args.model} on {args.target} -> {args.output}")
+    _out("  layers:        " + ", ".join(f"{n} {p}" for p, n in report["counts"].items()))
+    _out(f"  latency:       predicted {lat['predicted']:.3f} ms, measured "
+         + (f"{lat['measured']:.3f} ms ({100 * lat['error']:+.1f}%)" if lat["measured"]
+            else "-") + f"; uniform int8 {lat['uniform_int8_measured']:.3f} ms")
+    _out(f"  weights:       {report['size_bytes'] / 1e6:.3f} MB "
+         f"(uniform int8 {result.uniform['int8']['size'] / 1e6:.3f} MB)")
+    _out(f"  sensitivity:   {report['total_sensitivity']:.4g} "
+         f"(uniform int8 {result.uniform['int8']['sensitivity']:.4g})")
+    for layer in report["layers"]:
+        if layer["precision"] != "int8":
+            _out(f"    {layer['name']:>14s} {layer['precision']}")
+    for path in plots:
+        _out(f"  plot:          {path}")
+    if args.report:
+        _out(f"  report:        {args.report}")
     return 0
 
 

@@ -1,0 +1,141 @@
+"""Sensitivity: Hutchinson against an exact Hessian trace, the ZeroQ divergence, caching,
+and the DifferentiableForm rewrite that lets Relax's Gradient pass run on real models."""
+
+import numpy as np
+import pytest
+import tvm
+from helpers import run_module, run_pass
+from tvm import relax
+from tvmquant.passes import DifferentiableForm, canonicalize_pipeline
+
+import tvmquant
+from tvmquant.mixed_precision import sensitivity as S
+from tvmquant.mixed_precision.layers import anchor_layers
+from tvmquant.testing import mlp, random_inputs, small_convnet
+
+
+def _exact_traces(w1, w2, x):
+    """Diagonal of the Hessian of 0.5 * mean((f(W) - f(W0))^2), f = relu(x W1) W2, at W0."""
+    ref = np.maximum(x @ w1, 0) @ w2
+
+    def loss(a, b):
+        return 0.5 * np.mean((np.maximum(x @ a, 0) @ b - ref) ** 2)
+
+    out = []
+    for idx in (0, 1):
+        ws, t, d = [w1, w2], 0.0, 1e-4
+        for i in np.ndindex(ws[idx].shape):
+            plus = [w.copy() for w in ws]
+            minus = [w.copy() for w in ws]
+            plus[idx][i] += d
+            minus[idx][i] -= d
+            t += (loss(*plus) - 2 * loss(*ws) + loss(*minus)) / d**2
+        out.append(t)
+    return out
+
+
+def test_hutchinson_matches_exact_hessian_trace():
+    mod = canonicalize_pipeline()(mlp((6, 5, 3), seed=1))
+    sources = anchor_layers(mod)
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.normal(0, 1, (1, 6)).astype("float32")} for _ in range(3)]
+    est = S.hutchinson_traces(mod, sources, samples, vectors=1500, step=1e-3, progress=False)
+    x = np.concatenate([s["x"] for s in samples]).astype(np.float64)
+    exact = _exact_traces(*[s.weight.astype(np.float64) for s in sources], x)
+    for src, ref in zip(sources, exact):
+        assert est[src.info.name] == pytest.approx(ref, rel=0.12), (est, exact)
+
+
+def test_hessian_sensitivity_orders_precisions():
+    mod = canonicalize_pipeline()(mlp((6, 5, 3), seed=1))
+    sources = anchor_layers(mod)
+    sens = S.hessian_sensitivity({s.info.name: 1.0 for s in sources}, sources,
+                                 ["float", "int8", "int4"])
+    for row in sens.values():
+        assert row["float"] == 0.0 < row["int8"] < row["int4"]
+
+
+def test_output_divergence_branches():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 1, (2, 7))
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    sig = 1 / (1 + np.exp(-logits))
+    for ref in (probs, sig, logits):
+        assert S.output_divergence([ref], [ref]) == pytest.approx(0.0, abs=1e-9)
+        u = rng.uniform(-1, 1, ref.shape)
+        near = S.output_divergence([ref], [ref * (1 + 0.01 * u)])
+        far = S.output_divergence([ref], [ref * (1 + 0.3 * u)])
+        assert 0 < near < far
+
+
+@pytest.fixture(scope="module")
+def convnet():
+    mod = canonicalize_pipeline()(small_convnet())
+    return mod, anchor_layers(mod), random_inputs(2)
+
+
+def test_lifted_weights_compute_the_same(convnet):
+    mod, sources, samples = convnet
+    lifted = run_pass(lambda m: S.lift_weights(m, sources), mod)
+    assert len(lifted["main"].params) == 1 + len(sources)
+    x = samples[0]["x"]
+    np.testing.assert_allclose(run_module(lifted, x, *[s.weight for s in sources]),
+                               run_module(mod, x), rtol=1e-5, atol=1e-6)
+
+
+def test_kl_sensitivity_and_its_cache(convnet, tmp_path, monkeypatch):
+    mod, sources, samples = convnet
+    cache = S.SensitivityCache(tmp_path / "sens.json")
+    sens = S.kl_sensitivity(mod, sources, samples, ["float", "int8", "int4"],
+                            progress=False, cache=cache)
+    assert set(sens) == {s.info.name for s in sources}
+    for row in sens.values():
+        assert row["float"] == 0.0 < row["int8"] < row["int4"]
+    # a second run with the same model and data comes from the cache, without building
+    monkeypatch.setattr(tvmquant.api, "build", lambda *a, **k: pytest.fail("rebuilt"))
+    again = S.kl_sensitivity(mod, sources, samples, ["float", "int8", "int4"],
+                             progress=False, cache=S.SensitivityCache(tmp_path / "sens.json"))
+    assert again == sens
+
+
+def test_differentiable_form_structure():
+    def function(body, shape=(1, 4, 6)):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType(shape, "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(body(bb, x))
+            bb.emit_func_output(out)
+        return bb.get()
+
+    def before(bb, x):
+        c = bb.emit(relax.op.clip(x, 0, 6))
+        return relax.op.strided_slice(c, axes=[2], begin=[1], end=[5], strides=[2])
+
+    def expected(bb, x):
+        lo = bb.emit(relax.op.maximum(x, relax.const(0.0, "float32")))
+        c = bb.emit(relax.op.minimum(lo, relax.const(6.0, "float32")))
+        return bb.emit(relax.op.take(c, relax.const(np.array([1, 3], np.int64), "int64"),
+                                     axis=2, mode="clip"))
+
+    after = run_pass(DifferentiableForm(), function(before))
+    tvm.ir.assert_structural_equal(after, function(expected))
+    x = np.random.default_rng().normal(0, 4, (1, 4, 6)).astype("float32")
+    np.testing.assert_array_equal(run_module(after, x), run_module(function(before), x))
+
+
+@pytest.mark.parametrize("kind", ["det", "rec"])
+def test_differentiable_form_on_real_models(kind):
+    """Same outputs on a real image, and Relax's Gradient pass now runs on the model."""
+    from tvmquant import datasets as D
+    from tvmquant.frontend import load_onnx
+    from tvmquant.zoo import PPOCR_INPUT_SHAPES
+
+    mod = canonicalize_pipeline()(load_onnx(D.model_path(kind), PPOCR_INPUT_SHAPES[kind])[0])
+    after = run_pass(DifferentiableForm(), mod)
+    x = D.calibration_samples(kind, 1)[0]["x"]
+    got = tvmquant.run(tvmquant.build(after, "llvm"), [x])[0]
+    ref = tvmquant.run(tvmquant.build(mod, "llvm"), [x])[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    adjoint = S.loss_module(mod, anchor_layers(mod))
+    assert "main_loss_adjoint" in [gv.name_hint for gv in adjoint.functions]

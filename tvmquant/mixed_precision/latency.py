@@ -1,0 +1,167 @@
+"""Measured per-layer latencies: a lookup table keyed by target, layer shape and precision.
+
+Each layer is rebuilt alone, the way it runs inside the integer graph: 8-bit codes in,
+``dequantize -> op (-> bias -> clamp) -> quantize`` lowered by
+:class:`~tvmquant.passes.LowerToIntegerOnly` (for ``float``: left in float between the two),
+compiled by :func:`tvmquant.build` for the target (so with the dispatched, scheduled kernels
+and tuned records if given), and timed with ``time_evaluator``. The table is a JSON file,
+written atomically after every measurement (an interrupted run keeps what it measured) and
+reused by every model with a layer of the same key on the same target.
+
+The end-to-end latency of an assignment is predicted as ``rest + sum of its layers`` where
+``rest`` (the non-anchor ops: activations, pooling, resizes, ...) is measured once as the
+uniform-int8 model's time minus the sum of its int8 layers; :func:`check_prediction`
+compares that with a measured run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..io import atomic_write_json
+from ..passes import LowerToIntegerOnly
+from ..passes.insert_fake_quant import quantize_weight
+from .layers import LayerSource, weight_spec
+
+logger = logging.getLogger(__name__)
+
+_IN_SCALE, _IN_ZP, _OUT_SCALE, _OUT_ZP = 0.02, 128, 0.05, 0
+
+
+def target_key(target: tvm.target.Target) -> str:
+    """A stable string naming a target in the table (kind, CPU, features, cores)."""
+    t = target.export() if hasattr(target, "export") else {}
+    keep = {k: t[k] for k in ("kind", "mtriple", "mcpu", "mattr", "num-cores") if k in t}
+    return json.dumps(keep, sort_keys=True, default=str) if keep else str(target)
+
+
+class LatencyTable:
+    """``{target: {layer key: {precision: ms}}}``, persisted as JSON.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        The table file; loaded if it exists, written atomically on :meth:`save`. ``None``
+        keeps the table in memory.
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        self.data: dict[str, dict[str, dict[str, float]]] = {}
+        if self.path is not None and self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"latency table {self.path} is not valid JSON ({err}); "
+                                 "delete it to measure again") from None
+
+    def get(self, target: str, key: str, precision: str) -> float | None:
+        return self.data.get(target, {}).get(key, {}).get(precision)
+
+    def put(self, target: str, key: str, precision: str, ms: float) -> None:
+        self.data.setdefault(target, {}).setdefault(key, {})[precision] = float(ms)
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, self.data)
+
+    def __len__(self) -> int:
+        return sum(len(p) for layers in self.data.values() for p in layers.values())
+
+
+def layer_module(src: LayerSource, precision: str) -> tvm.IRModule:
+    """The layer alone, 8-bit codes in and out, lowered like the integer graph lowers it."""
+    info = src.info
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(info.input_shape, "uint8"))
+    f32 = "float32"
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            xd = bb.emit(relax.op.dequantize(x, relax.const(_IN_SCALE, f32),
+                                             relax.const(_IN_ZP, "int32")))
+            spec = weight_spec(precision)
+            if spec is None:
+                w = relax.const(src.weight.astype(np.float32))
+            else:
+                q, s, z, axis = quantize_weight(src.weight, spec, info.op)
+                w = bb.emit(relax.op.dequantize(
+                    relax.const(q, spec.storage_dtype), relax.const(np.asarray(s, np.float32)),
+                    relax.const(np.asarray(z, np.int32)), axis=axis))
+            y = bb.emit(relax.Call(src.call.op, [xd, w], src.call.attrs))
+            if src.bias is not None:
+                y = bb.emit(relax.op.add(y, src.bias))
+            if src.clamp is not None:
+                y = bb.emit(relax.Call(src.clamp.op, [y, *src.clamp.args[1:]],
+                                       src.clamp.attrs))
+            out = bb.emit_output(relax.op.quantize(
+                y, relax.const(_OUT_SCALE, f32), relax.const(_OUT_ZP, "int32"),
+                out_dtype="uint8"))
+        bb.emit_func_output(out)
+    mod = LowerToIntegerOnly()(bb.get())
+    return relax.transform.FoldConstant()(mod)
+
+
+def time_module(ex, inputs: Sequence[np.ndarray], device=None, *, number: int = 10,
+                repeat: int = 5) -> float:
+    """Median milliseconds of ``main`` (``time_evaluator``)."""
+    dev = device or tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+    vm["main"](*args)
+    f = vm.time_evaluator("main", dev, number=number, repeat=repeat)
+    return float(f(*args).median * 1e3)
+
+
+def measure_layer(src: LayerSource, precision: str, target, *, database=None,
+                  number: int = 10, repeat: int = 5) -> float:
+    """Milliseconds of one layer at one precision on ``target`` (built with tvmquant.build)."""
+    from ..api import build
+
+    ex = build(layer_module(src, precision), target, database=database)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, src.info.input_shape).astype(np.uint8)
+    return time_module(ex, [x], number=number, repeat=repeat)
+
+
+def measure_latencies(sources: Sequence[LayerSource], precisions: Sequence[str], target,
+                      table: LatencyTable, *, database=None, progress: bool = True,
+                      number: int = 10, repeat: int = 5) -> dict[str, dict[str, float]]:
+    """``{layer name: {precision: ms}}``, measuring only what ``table`` lacks."""
+    from ..api import resolve_target
+
+    tgt = resolve_target(target)
+    tkey = target_key(tgt)
+    todo = [(s, p) for s in sources for p in precisions
+            if table.get(tkey, s.info.key(), p) is None]
+    seen = set()
+    todo = [(s, p) for s, p in todo if not ((s.info.key(), p) in seen
+                                           or seen.add((s.info.key(), p)))]
+    if todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(todo, desc="latency", unit="layer", disable=not progress)
+        for src, precision in bar:
+            bar.set_postfix_str(f"{src.info.name} {precision}")
+            ms = measure_layer(src, precision, tgt, database=database, number=number,
+                               repeat=repeat)
+            table.put(tkey, src.info.key(), precision, ms)
+            table.save()  # after every layer: an interrupted run keeps its measurements
+    return {s.info.name: {p: table.get(tkey, s.info.key(), p) for p in precisions}
+            for s in sources}
+
+
+def predict(assignment: dict[str, str], latencies: dict[str, dict[str, float]],
+            rest_ms: float) -> float:
+    """Predicted end-to-end milliseconds of an assignment."""
+    return rest_ms + sum(latencies[name][p] for name, p in assignment.items())
+
+
+__all__ = ["LatencyTable", "layer_module", "measure_latencies", "measure_layer", "predict",
+           "target_key", "time_module"]

@@ -1,0 +1,171 @@
+"""The layers a mixed-precision search chooses for, and what each precision costs them.
+
+A *layer* here is an anchor (conv2d, conv2d_transpose, matmul) with a constant weight, named
+structurally as in :class:`~tvmquant.config.QuantConfig` (``conv2d_3``). Its candidate
+precisions are those of its weights (activations stay 8-bit, the spine's default):
+
+``float``  the layer stays float between a dequantize and a quantize;
+``int8``   per-channel symmetric 8-bit weights (the ``int8`` preset);
+``int4``   per-channel symmetric 4-bit weights (restricted range, [-7, 7]).
+
+Size and BOPs (bit operations, ``MACs x weight bits x activation bits``) are exact functions
+of the shapes; latency is measured (:mod:`.latency`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .._compat import Constant, const_value, static_shape
+from ..config import LayerOverride, QuantConfig, get_preset
+from ..passes.analysis import plan_quantization
+from ..spec import QuantSpec
+
+PRECISIONS: tuple[str, ...] = ("float", "int8", "int4")
+"""Candidate precisions, from the most to the least precise."""
+
+WEIGHT_BITS = {"float": 32, "int8": 8, "int4": 4}
+ACTIVATION_BITS = {"float": 32, "int8": 8, "int4": 8}
+
+
+def weight_spec(precision: str, base: QuantConfig | None = None) -> QuantSpec | None:
+    """The weight spec of a precision (None for float)."""
+    if precision not in WEIGHT_BITS:
+        raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    if precision == "float":
+        return None
+    spec = (base or get_preset("int8")).weight
+    if spec.granularity.value == "per_group":
+        spec = get_preset("int8").weight
+    return spec.with_(bits=WEIGHT_BITS[precision])
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One anchor layer: its op, shapes and exact cost model."""
+
+    name: str
+    op: str  # conv2d | conv2d_transpose | matmul
+    input_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    attrs: tuple[tuple[str, str], ...]  # the op's attributes, for the latency key
+    macs: int
+    has_bias: bool
+    clamp: str | None  # relu / clip fused into the layer
+
+    @property
+    def weights(self) -> int:
+        return int(np.prod(self.weight_shape))
+
+    def size_bytes(self, precision: str) -> float:
+        return self.weights * WEIGHT_BITS[precision] / 8
+
+    def bops(self, precision: str) -> float:
+        return float(self.macs) * WEIGHT_BITS[precision] * ACTIVATION_BITS[precision]
+
+    def key(self) -> str:
+        """What the layer's latency depends on (name excluded: shared across models)."""
+        attrs = ",".join(f"{k}={v}" for k, v in self.attrs)
+        return (f"{self.op}|in={list(self.input_shape)}|w={list(self.weight_shape)}|"
+                f"bias={int(self.has_bias)}|clamp={self.clamp}|{attrs}")
+
+
+@dataclass
+class LayerSource:
+    """A layer's float ingredients: what :mod:`.latency` rebuilds it from."""
+
+    info: LayerInfo
+    var: relax.Var  # the anchor's binding in the float module
+    call: relax.Call
+    weight: np.ndarray
+    bias: relax.Expr | None
+    clamp: relax.Call | None
+
+
+_ATTR_FIELDS = ("strides", "padding", "dilation", "groups", "data_layout", "kernel_layout",
+                "output_padding", "out_dtype")
+
+
+def _attrs(call: relax.Call) -> tuple[tuple[str, str], ...]:
+    out = []
+    if call.attrs is None:
+        return ()
+    for f in _ATTR_FIELDS:
+        if hasattr(call.attrs, f):
+            v = getattr(call.attrs, f)
+            if not isinstance(v, (str, int)) and hasattr(v, "__len__"):
+                v = [int(x) for x in v]
+            out.append((f, str(v)))
+    return tuple(out)
+
+
+def _macs(op: str, in_shape, w_shape, out_shape) -> int:
+    if op == "conv2d":
+        _, c_per_group, kh, kw = w_shape
+        return int(np.prod(out_shape)) * c_per_group * kh * kw
+    if op == "conv2d_transpose":  # every input value feeds O/groups x kh x kw outputs
+        _, o_per_group, kh, kw = w_shape
+        return int(np.prod(in_shape)) * o_per_group * kh * kw
+    return int(np.prod(out_shape)) * int(w_shape[-2])
+
+
+def anchor_layers(float_mod: tvm.IRModule, func_name: str = "main") -> list[LayerSource]:
+    """The anchors with constant weights of a canonical float module, in dataflow order."""
+    func = float_mod[func_name]
+    plan = plan_quantization(func, get_preset("int8"))
+    out = []
+    for layer in plan.layers:
+        if layer.kind != "anchor" or layer.weight is None:
+            continue
+        call = plan.bindings[layer.members[0]]
+        data = call.args[0]
+        in_shape, out_shape = static_shape(data), static_shape(layer.members[0])
+        weight = const_value(layer.weight)
+        if in_shape is None or out_shape is None:
+            continue
+        bias = None
+        clamp = None
+        for m in layer.members[1:]:
+            value = plan.bindings[m]
+            if value.op.name == "relax.add":
+                bias = next(a for a in value.args if isinstance(a, Constant))
+            else:
+                clamp = value
+        info = LayerInfo(
+            name=layer.name, op=layer.op, input_shape=tuple(in_shape),
+            weight_shape=tuple(weight.shape), output_shape=tuple(out_shape),
+            attrs=_attrs(call), macs=_macs(layer.op, in_shape, weight.shape, out_shape),
+            has_bias=bias is not None,
+            clamp=None if clamp is None else clamp.op.name.split(".")[-1])
+        out.append(LayerSource(info, layer.members[0], call, weight, bias, clamp))
+    return out
+
+
+def assignment_config(assignment: dict[str, str], base: QuantConfig | None = None
+                      ) -> QuantConfig:
+    """The :class:`QuantConfig` of a per-layer precision assignment.
+
+    int8 layers keep ``base``; int4 layers get a per-layer weight override; float layers
+    are skipped (left in float).
+    """
+    base = base or get_preset("int8")
+    overrides = []
+    skip = list(base.skip)
+    for name, precision in assignment.items():
+        if precision == "float":
+            skip.append(name)
+        elif precision != "int8":
+            overrides.append(LayerOverride(name, weight=weight_spec(precision, base)))
+        else:
+            weight_spec(precision)  # validates the name
+    return dataclasses.replace(base.with_overrides(*overrides), skip=tuple(skip))
+
+
+__all__ = ["PRECISIONS", "LayerInfo", "LayerSource", "anchor_layers", "assignment_config",
+           "weight_spec"]

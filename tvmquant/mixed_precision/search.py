@@ -1,0 +1,239 @@
+"""The mixed-precision search: sensitivity + measured latency -> ILP -> quantized model.
+
+:func:`search` runs the whole HAWQ-V3-style loop on a float model and its calibration data:
+
+1. calibrate once (activation ranges are shared by every assignment) and measure the uniform
+   int8 model end to end on the target;
+2. measure each layer's latency per candidate precision (:mod:`.latency`, a cached table);
+   ``rest`` = the int8 model's time minus its int8 layers (everything that is not a layer);
+3. each layer's sensitivity per precision (:mod:`.sensitivity`, ``kl`` or ``hessian``);
+4. solve the ILP under the budgets (:mod:`.ilp`), and sweep the latency budget for the
+   Pareto front;
+5. quantize with the chosen per-layer config, build it, and measure it end to end: the
+   table's prediction is reported next to the measurement.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+
+from ..calibration.runner import check_sample, input_signature
+from ..config import QuantConfig, get_preset
+from ..passes import canonicalize_pipeline
+from ..targets import resolve_target
+from . import ilp
+from .latency import LatencyTable, measure_latencies, target_key, time_module
+from .layers import PRECISIONS, anchor_layers, assignment_config
+from .sensitivity import (
+    SensitivityCache,
+    hessian_sensitivity,
+    hutchinson_traces,
+    kl_sensitivity,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MixedPrecisionResult:
+    """What :func:`search` found (``report`` is JSON-serialisable)."""
+
+    assignment: dict[str, str]
+    config: QuantConfig
+    quantized: Any  # QuantizedModel of the chosen config
+    executable: Any  # its compiled module
+    sensitivity: dict[str, dict[str, float]]
+    latency: dict[str, dict[str, float]]
+    rest_ms: float
+    predicted_ms: float
+    measured_ms: float | None
+    uniform: dict[str, dict[str, float]]
+    pareto: list[dict] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _uniform(layers, precision):
+    return {name: precision for name in layers}
+
+
+def search(
+    mod: tvm.IRModule,
+    calibration_data: Iterable[dict],
+    target="x86-vnni",
+    *,
+    latency_budget: str | float | None = None,
+    size_budget: str | float | None = None,
+    bops_budget: str | float | None = None,
+    precisions: Sequence[str] = PRECISIONS,
+    sensitivity: str = "kl",
+    sensitivity_samples: int = 4,
+    base: QuantConfig | None = None,
+    latency_table: LatencyTable | str | Path | None = None,
+    cache: str | Path | None = None,
+    database=None,
+    pareto_points: int = 16,
+    measure: bool = True,
+    progress: bool = True,
+    hessian_vectors: int = 32,
+) -> MixedPrecisionResult:
+    """Choose each layer's precision under budgets; returns the quantized, compiled choice.
+
+    Parameters
+    ----------
+    mod : IRModule
+        The float model (weights as constants).
+    calibration_data : iterable of {input: ndarray}
+        Calibration samples; the first ``sensitivity_samples`` also measure sensitivity.
+    target : str, dict or Target
+        Where latencies are measured and the result compiled.
+    latency_budget, size_budget, bops_budget : str or float, optional
+        ``"0.8x-int8"`` (relative to the uniform assignment named), or absolute (``"12ms"``,
+        ``"4MB"``, ``"2G"``; plain numbers are ms, bytes, BOPs). At least one.
+    precisions : sequence of str
+        Candidates per layer, among ``float``, ``int8``, ``int4``.
+    sensitivity : ``"kl"`` or ``"hessian"``
+        ZeroQ-style output divergence, or HAWQ-V2's Hessian trace times the weight
+        perturbation (Hutchinson, ``hessian_vectors`` vectors).
+    latency_table : LatencyTable or path, optional
+        The table of measured layer latencies to use and extend (e.g.
+        ``~/.cache/tvmquant/latency.json``); in memory if not given.
+    cache : path, optional
+        JSON file caching sensitivities per model and data.
+    database : optional
+        Tuned records (``tvmquant tune``) used for every build.
+    measure : bool
+        Build and time the chosen model (the check of the latency prediction).
+    """
+    from ..api import build, quantize
+
+    budget_texts = {"latency": latency_budget, "size": size_budget, "bops": bops_budget}
+    if all(v is None for v in budget_texts.values()):
+        raise ValueError("give at least one budget: latency_budget, size_budget or "
+                         "bops_budget (e.g. latency_budget='0.8x-int8')")
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or "int8" not in precisions:
+        raise ValueError(f"precisions must include int8 and be among {PRECISIONS}, got "
+                         f"{list(precisions)}")
+    if sensitivity not in ("kl", "hessian"):
+        raise ValueError(f"sensitivity must be 'kl' or 'hessian', got {sensitivity!r}")
+    base = base or get_preset("int8")
+    tgt = resolve_target(target)
+    samples = list(calibration_data)
+    if not samples:
+        raise ValueError("mixed precision needs calibration samples (none given)")
+    float_mod = canonicalize_pipeline()(mod)
+    signature = input_signature(float_mod)
+    inputs = check_sample(samples[0], signature, 0)
+    sources = anchor_layers(float_mod)
+    if not sources:
+        raise ValueError("the model has no conv2d/matmul layer with constant weights to "
+                         "choose a precision for")
+    names = [s.info.name for s in sources]
+
+    # 1. calibration, uniform int8 end to end
+    q8 = quantize(mod, samples, base, progress=progress)
+    ranges = q8.ranges
+    e_int8 = time_module(build(q8, tgt, database=database), inputs)
+
+    # 2. layer latencies
+    table = latency_table if isinstance(latency_table, LatencyTable) else \
+        LatencyTable(latency_table)
+    lat = measure_latencies(sources, precisions, tgt, table, database=database,
+                            progress=progress)
+    rest = e_int8 - sum(lat[n]["int8"] for n in names)
+
+    # 3. sensitivity
+    sens_cache = SensitivityCache(cache)
+    sens_samples = samples[:sensitivity_samples]
+    if sensitivity == "kl":
+        sens = kl_sensitivity(float_mod, sources, sens_samples, precisions, target=tgt,
+                              progress=progress, cache=sens_cache)
+    else:
+        traces = hutchinson_traces(float_mod, sources, sens_samples, vectors=hessian_vectors,
+                                   target=tgt, progress=progress)
+        sens = hessian_sensitivity(traces, sources, precisions)
+    sens = {n: {p: float(sens[n].get(p, 0.0)) for p in precisions} for n in names}
+
+    # 4. ILP
+    info = {s.info.name: s.info for s in sources}
+    costs = {"latency": lat,
+             "size": {n: {p: info[n].size_bytes(p) for p in precisions} for n in names},
+             "bops": {n: {p: info[n].bops(p) for p in precisions} for n in names}}
+    offsets = {"latency": rest}
+    uniform = {}
+    for p in precisions:
+        a = _uniform(names, p)
+        uniform[p] = {kind: ilp.total(a, costs[kind], offsets.get(kind, 0.0))
+                      for kind in ilp.KINDS} | {"sensitivity": ilp.total(a, sens)}
+    budgets = [ilp.parse_budget(kind, text, {p: uniform[p][kind] for p in precisions})
+               for kind, text in budget_texts.items() if text is not None]
+    assignment = ilp.solve(sens, costs, budgets, offsets)
+    lat_budget = [b for b in budgets if b.kind == "latency"]
+    others = [b for b in budgets if b.kind != "latency"]
+    lo = rest + sum(min(lat[n].values()) for n in names)  # the fastest assignment
+    hi = max(uniform[p]["latency"] for p in precisions)
+    limits = np.geomspace(lo * 1.0001, hi * 1.0001, pareto_points)  # dense where it is tight
+    front = ilp.pareto_sweep(sens, costs, "latency", limits, offsets, extra=others)
+
+    # 5. the chosen model
+    config = assignment_config(assignment, base)
+    qmix = quantize(mod, samples, config, ranges=ranges, progress=False)
+    ex = build(qmix, tgt, database=database)
+    measured = time_module(ex, inputs) if measure else None
+    predicted = ilp.total(assignment, lat, rest)
+    counts = {p: sum(1 for v in assignment.values() if v == p) for p in precisions}
+    report = {
+        "target": target_key(tgt),
+        "budgets": [{"kind": b.kind, "limit": b.limit} for b in budgets],
+        "sensitivity_measure": sensitivity,
+        "assignment": assignment,
+        "counts": counts,
+        "latency_ms": {"predicted": predicted, "measured": measured,
+                       "error": None if not measured else (predicted - measured) / measured,
+                       "rest": rest, "uniform_int8_measured": e_int8},
+        "size_bytes": ilp.total(assignment, costs["size"]),
+        "bops": ilp.total(assignment, costs["bops"]),
+        "total_sensitivity": ilp.total(assignment, sens),
+        "uniform": uniform,
+        "layers": [{"name": n, "op": info[n].op, "input_shape": list(info[n].input_shape),
+                    "weight_shape": list(info[n].weight_shape), "macs": info[n].macs,
+                    "precision": assignment[n], "latency_ms": lat[n],
+                    "sensitivity": sens[n]} for n in names],
+        "pareto": [{"latency_ms": p["cost"], "sensitivity": p["sensitivity"],
+                    "counts": {k: sum(1 for v in p["assignment"].values() if v == k)
+                               for k in precisions}} for p in front],
+        "latency_budget_ms": lat_budget[0].limit if lat_budget else None,
+    }
+    return MixedPrecisionResult(assignment, config, qmix, ex, sens, lat, rest, predicted,
+                                measured, uniform, front, report)
+
+
+def write_plots(result: MixedPrecisionResult, folder: str | Path, stem: str = "mixed"
+                ) -> list[Path]:
+    """``STEM-sensitivity.png`` and ``STEM-pareto.png`` in ``folder``."""
+    from .plots import pareto_plot, sensitivity_bars
+
+    folder = Path(folder)
+    out = [sensitivity_bars(result.sensitivity, folder / f"{stem}-sensitivity.png")]
+    uniform = {p: (u["latency"], u["sensitivity"]) for p, u in result.uniform.items()}
+    out.append(pareto_plot(result.pareto, folder / f"{stem}-pareto.png", uniform=uniform,
+                           chosen=(result.predicted_ms,
+                                   result.report["total_sensitivity"])))
+    return out
+
+
+def random_assignments(layers: Sequence[str], precisions: Sequence[str], n: int, seed: int = 0
+                       ) -> list[dict[str, str]]:
+    """``n`` uniformly random assignments (baselines for benchmarks)."""
+    rng = np.random.default_rng(seed)
+    return [{name: str(rng.choice(list(precisions))) for name in layers} for _ in range(n)]
+
+
+__all__ = ["MixedPrecisionResult", "random_assignments", "search", "write_plots"]
