@@ -95,7 +95,8 @@ def quantize(
     ranges : dict, optional
         Calibrated ranges to reuse (``QuantizedModel.ranges`` of an earlier run with the same
         activation specs, e.g. while trying per-layer weight precisions) instead of
-        calibrating again.
+        calibrating again. If this config quantizes tensors that ``ranges`` lacks (layers
+        newly left in float), it is calibrated on ``calibration_data`` after all.
     """
     config = resolve_config(config)
     mod = _as_irmodule(mod)
@@ -110,6 +111,11 @@ def quantize(
                 "dynamic preset such as 'int8-dynamic'"
             )
         samples = list(calibration_data or [])
+        plan = plan_quantization(float_mod["main"], config)
+        if ranges is not None and samples and \
+                not set(plan.quantized.values()) <= set(ranges):
+            # (layers left in float quantize other tensors: calibrate this plan instead)
+            ranges = None
         if ranges is None:
             ranges = calibrate(float_mod, samples, config, progress=progress)
     else:

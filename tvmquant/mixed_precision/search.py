@@ -205,6 +205,7 @@ def search(
         "layers": [{"name": n, "op": info[n].op, "input_shape": list(info[n].input_shape),
                     "weight_shape": list(info[n].weight_shape), "macs": info[n].macs,
                     "precision": assignment[n], "latency_ms": lat[n],
+                    "weight_bytes": costs["size"][n], "bops": costs["bops"][n],
                     "sensitivity": sens[n]} for n in names],
         "pareto": [{"latency_ms": p["cost"], "sensitivity": p["sensitivity"],
                     "counts": {k: sum(1 for v in p["assignment"].values() if v == k)
