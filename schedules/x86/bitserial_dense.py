@@ -177,3 +177,46 @@ def bitpack_kernel(m: int, k: int, bits: int) -> tvm.IRModule:
                                 T.Cast("uint64", t))
 
     return tvm.IRModule({"main": pack})
+
+
+def bitpack_im2col_kernel(n: int, c: int, h: int, w: int, kh: int, kw: int, stride: int,
+                          pad: tuple[int, int, int, int], bits: int) -> tvm.IRModule:
+    """Bit-serial conv2d's input side: NCHW u8 codes -> packed im2col planes.
+
+    ``P[b, r, word]`` with row ``r = (n, y, x)`` over output pixels and reduction index
+    ``k = (ci, i, j)`` (the order of an OIHW weight flattened to ``[O, C*kh*kw]``): bit ``b``
+    of ``A[n, ci, y*stride + i - top, x*stride + j - left]``, zero outside the image (the
+    padding value 0; a nonzero zero point is padded by the graph before). A conv2d is then
+    this kernel followed by :func:`bitserial_dense` on the output-pixel rows.
+    """
+    top, left, bottom, right = pad
+    ho = (h + top + bottom - kh) // stride + 1
+    wo = (w + left + right - kw) // stride + 1
+    k = c * kh * kw
+    words = padded_words(k)
+    rows = n * ho * wo
+
+    @T.prim_func(s_tir=True)
+    def pack(A: T.Buffer((n, c, h, w), "uint8"), P: T.Buffer((bits, rows, words), "uint64")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for r in T.parallel(rows):
+            for b, wd in T.grid(bits, words):
+                with T.sblock("pack"):
+                    T.reads(A[0:n, 0:c, 0:h, 0:w])
+                    T.writes(P[b, r, wd])
+                    P[b, r, wd] = T.uint64(0)
+                    for t in range(WORD):
+                        kk: T.let = wd * WORD + t
+                        ci: T.let = kk // (kh * kw)
+                        i: T.let = kk % (kh * kw) // kw
+                        j: T.let = kk % kw
+                        y: T.let = r % (ho * wo) // wo * stride + i - top
+                        x: T.let = r % wo * stride + j - left
+                        if kk < k and 0 <= y and y < h and 0 <= x and x < w:
+                            P[b, r, wd] = P[b, r, wd] | T.shift_left(
+                                T.Cast("uint64", T.bitwise_and(T.shift_right(
+                                    A[r // (ho * wo), ci, y, x], T.Cast("uint8", b)),
+                                    T.uint8(1))),
+                                T.Cast("uint64", t))
+
+    return tvm.IRModule({"main": pack})

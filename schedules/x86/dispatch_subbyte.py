@@ -1,4 +1,5 @@
-"""DispatchSubByte: run integer matmuls with few-bit operands on the sub-byte kernels.
+"""DispatchSubByte: run integer matmuls and convolutions with few-bit operands on the
+sub-byte kernels.
 
 Preconditions: an integer-only module from :class:`~tvmquant.passes.LowerToIntegerOnly`, whose
 matmuls are spelled ``matmul(u8 codes, const s8 codes [K, N], out_dtype="int32")``. Weights
@@ -9,9 +10,10 @@ The activation's bits come from the clamp that produced it (``clip(x, 0, 2^b - 1
 Rules, first match wins:
 
 - **bit-serial** (activations and weights of at most 3 bits, the ``QuantSpec(bits=1..3)``
-  layers): the activation codes are bit-packed at run time (:func:`bitpack_kernel`), the
-  weights once at compile time, and the product is a popcount dense
-  (:func:`bitserial_dense`, unipolar activations x two's-complement weights).
+  layers), matmul and conv2d: the activation codes are bit-packed at run time
+  (:func:`bitpack_kernel`; for a convolution :func:`bitpack_im2col_kernel` gathers the
+  patches while it packs), the weights once at compile time, and the product is a popcount
+  dense (:func:`bitserial_dense`, unipolar activations x two's-complement weights).
 - **sub-byte GEMV** (weights of 2 or 4 bits, at most :data:`MAX_GEMV_ROWS` rows, VNNI
   targets): the weights packed two or four per byte (:func:`pack_subbyte`), unpacked in
   registers; the memory-bound batch-1 shapes where fewer weight bytes are less time.
@@ -29,7 +31,13 @@ from tvm import relax
 
 from ..._compat import Constant, const_value, dtype_of, static_shape
 from ...passes.analysis import emit_like
-from .bitserial_dense import bitpack, bitpack_kernel, bitserial_dense
+from .bitserial_dense import (
+    bitpack,
+    bitpack_im2col_kernel,
+    bitpack_kernel,
+    bitserial_dense,
+    padded_words,
+)
 from .subbyte_gemv import LANES, k_block, pack_subbyte, subbyte_gemv
 
 MAX_GEMV_ROWS = 8
@@ -108,6 +116,36 @@ class _SubByteDispatcher(relax.PyExprMutator):
                                      relax.TensorType((rows, n), "int32")))
         return relax.op.reshape(out, static_shape(call))
 
+    def _bitserial_conv(self, call, w, abits, wbits):
+        """im2col fused with the bit packing, then the popcount dense over output pixels."""
+        attrs = call.attrs
+        if int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW" or \
+                str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW" or \
+                any(int(d) != 1 for d in attrs.dilation) or \
+                len({int(s) for s in attrs.strides}) != 1:
+            return None
+        data = self.visit_expr(call.args[0])
+        n, c, h, wd = static_shape(call.args[0])
+        o, _, kh, kw = w.shape
+        stride = int(attrs.strides[0])
+        pad = tuple(int(p) for p in attrs.padding)
+        _, _, ho, wo = static_shape(call)
+        rows, k = n * ho * wo, c * kh * kw
+        bb = self.builder_
+        pack = self._kernel(("bitpack_im2col", n, c, h, wd, kh, kw, stride, pad, abits),
+                            lambda: bitpack_im2col_kernel(n, c, h, wd, kh, kw, stride, pad,
+                                                          abits))
+        planes = bb.emit(relax.call_tir(pack, [data], relax.TensorType(
+            (abits, rows, padded_words(k)), "uint64")))
+        dense = self._kernel(("bitserial", rows, o, k, abits, wbits),
+                             lambda: bitserial_dense(rows, o, k, mode="unipolar", abits=abits,
+                                                     wbits=wbits))
+        wplanes = relax.const(bitpack(w.reshape(o, k).astype(np.int64), wbits), "uint64")
+        out = bb.emit(relax.call_tir(dense, [planes, wplanes],
+                                     relax.TensorType((rows, o), "int32")))
+        out = bb.emit(relax.op.reshape(out, (n, ho, wo, o)))
+        return relax.op.permute_dims(out, [0, 3, 1, 2])
+
     def _gemv(self, call, w, wbits):
         data = self.visit_expr(call.args[0])
         rows, k = self._rows(call.args[0])
@@ -130,6 +168,19 @@ class _SubByteDispatcher(relax.PyExprMutator):
 
     def visit_var_binding_(self, binding):
         call = binding.value
+        if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and \
+                call.op.name == "relax.nn.conv2d" and str(call.attrs.out_dtype) == "int32" and \
+                dtype_of(call.args[0]) == "uint8" and isinstance(call.args[1], Constant) and \
+                isinstance(call.args[0], relax.Var) and static_shape(call.args[0]) is not None:
+            w = const_value(call.args[1])
+            abits = self._activation_bits(call.args[0])
+            wbits = signed_bits(w) if w.dtype == np.int8 else 8
+            if abits <= MAX_BITSERIAL_BITS and wbits <= MAX_BITSERIAL_BITS:
+                new = self._bitserial_conv(call, w, abits, wbits)
+                if new is not None:
+                    self.picked.append(f"bitserial conv a{abits}w{wbits}")
+                    self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, new))
+                    return
         if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and \
                 call.op.name == "relax.matmul" and str(call.attrs.out_dtype) == "int32" and \
                 dtype_of(call.args[0]) == "uint8" and isinstance(call.args[1], Constant) and \

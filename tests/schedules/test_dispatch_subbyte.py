@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import tvm
 from tvm import relax
-from tvmquant.schedules.x86.bitserial_dense import bitpack, bitpack_kernel, bitserial_dense
+from tvmquant.schedules.x86.bitserial_dense import (
+    bitpack,
+    bitpack_im2col_kernel,
+    bitpack_kernel,
+    bitserial_dense,
+    padded_words,
+)
 from tvmquant.schedules.x86.dispatch_subbyte import DispatchSubByte, signed_bits
 
 import tvmquant
@@ -146,3 +152,55 @@ def test_packed_weights_shrink_the_compiled_file(tmp_path, bits):
     saved = sizes[8] - sizes[bits]
     expected = 1024 * 1024 * (8 - bits) // 8
     assert 0.97 * expected <= saved <= 1.03 * expected, (sizes, expected)
+
+
+def test_bitserial_conv_in_a_convnet():
+    """conv2d_0 writes 2-bit activations, conv2d_1 reads them with ternary weights: a
+    bit-serial convolution (packing im2col + popcount dense), bit-exact end to end."""
+    from tvmquant.testing import random_inputs, small_convnet
+
+    base = get_preset("int8")
+    config = base.with_overrides(
+        LayerOverride("conv2d_0", activation=QuantSpec(bits=2, signed=False, symmetric=True)),
+        LayerOverride("conv2d_1", weight=base.weight.with_(bits=2)),
+    )
+    q = tvmquant.quantize(small_convnet(), random_inputs(4), config, progress=False)
+    after = DispatchSubByte()(q.mod)
+    relax.analysis.well_formed(after)
+    assert list(after["main"].attrs["tvmquant.subbyte_kernels"]) == ["bitserial conv a2w2"]
+    fast = relax.VirtualMachine(tvmquant.build(q.mod, TARGET if _cpu_has("avx512_vnni")
+                                               else "x86-avx2"), tvm.cpu())
+    plain = relax.VirtualMachine(tvmquant.build(q.mod, "llvm", kernels=False,
+                                                schedules=False), tvm.cpu())
+    for x in random_inputs(3, seed=np.random.default_rng().integers(1 << 30)):
+        x = tvm.runtime.tensor(x["x"])
+        # integer-exact; only the output's float rescale may round differently (1 ulp)
+        np.testing.assert_allclose(fast["main"](x).numpy(), plain["main"](x).numpy(),
+                                   rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7, 9, 6, 3, 3, 1, (1, 1, 1, 1), 2, 2),
+                                   (2, 16, 8, 8, 4, 3, 3, 2, (1, 0, 1, 0), 1, 2),
+                                   (1, 64, 14, 14, 32, 1, 1, 1, (0, 0, 0, 0), 3, 3)])
+def test_bitpack_im2col_conv_exact(shape):
+    """Packing im2col + popcount dense against a direct NumPy convolution, fresh inputs."""
+    n, c, h, w, o, kh, kw, s, pad, ab, wb = shape
+    rng = np.random.default_rng()
+    a = rng.integers(0, 1 << ab, (n, c, h, w)).astype(np.uint8)
+    wt = rng.integers(-(1 << (wb - 1)), 1 << (wb - 1), (o, c, kh, kw)).astype(np.int8)
+    ho, wo = (h + pad[0] + pad[2] - kh) // s + 1, (w + pad[1] + pad[3] - kw) // s + 1
+    k = c * kh * kw
+    pack = tvm.compile(bitpack_im2col_kernel(n, c, h, w, kh, kw, s, pad, ab), TARGET)
+    planes = tvm.runtime.tensor(np.zeros((ab, n * ho * wo, padded_words(k)), np.uint64))
+    pack.mod["main"](tvm.runtime.tensor(a), planes)
+    dense = tvm.compile(bitserial_dense(n * ho * wo, o, k, abits=ab, wbits=wb), TARGET)
+    out = tvm.runtime.tensor(np.zeros((n * ho * wo, o), np.int32))
+    dense.mod["main"](planes, tvm.runtime.tensor(bitpack(wt.reshape(o, k), wb)), out)
+    ap = np.pad(a.astype(np.int64), ((0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])))
+    ref = np.zeros((n, o, ho, wo), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = ap[:, :, i:i + s * ho:s, j:j + s * wo:s]
+            ref += np.einsum("nchw,oc->nohw", patch, wt[:, :, i, j].astype(np.int64))
+    np.testing.assert_array_equal(out.numpy().reshape(n, ho, wo, o).transpose(0, 3, 1, 2),
+                                  ref)
