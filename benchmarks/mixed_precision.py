@@ -55,13 +55,14 @@ def _random_feasible(names, order_rng, start, move, fits):
 
 
 def run_model(kind: str, args, table_path: Path, lines: list[str]) -> None:
+    from tvmquant.passes import canonicalize_pipeline
+
     import tvmquant
     from tvmquant import datasets as ds
     from tvmquant import mixed_precision as mp
     from tvmquant.frontend import load_onnx
     from tvmquant.mixed_precision import ilp
     from tvmquant.mixed_precision.latency import time_module
-    from tvmquant.passes import canonicalize_pipeline
     from tvmquant.zoo import PPOCR_INPUT_SHAPES
 
     mod = load_onnx(ds.model_path(kind), PPOCR_INPUT_SHAPES[kind])[0]
