@@ -13,7 +13,7 @@ B. size: candidates int8/int4, ``--size-budget`` (default 0.7x-int8).
 Rows: the ILP's assignment (kl sensitivity), the uniform assignments, and random assignments
 that meet the same budget by the same tables (``--random`` seeds: a random order of layers,
 moved to the cheaper or more precise precision one by one while the budget holds). Every row
-is quantized (one calibration shared by all), compiled and timed end to end on this machine;
+is quantized (calibrated on the same samples), compiled and timed end to end on this machine;
 the latency table's prediction is printed next to the measurement. Writes
 ``benchmarks/mixed_precision.md`` and the Pareto/sensitivity plots next to it.
 """
@@ -71,8 +71,8 @@ def run_model(kind: str, args, table_path: Path, lines: list[str]) -> None:
     target = tvmquant.resolve_target(args.target)
     table = mp.LatencyTable(table_path)
 
-    def evaluate(config, ranges):
-        q = tvmquant.quantize(mod, calib, config, ranges=ranges, progress=False)
+    def evaluate(config):
+        q = tvmquant.quantize(mod, calib, config, progress=False)
         ex = tvmquant.build(q, target)
         outs = [tvmquant.run(ex, [x])[0] for x in evals]
         return time_module(ex, [evals[0]]), outs
@@ -124,7 +124,7 @@ def run_model(kind: str, args, table_path: Path, lines: list[str]) -> None:
         lines.append("|---|---|---:|---:|---:|---|---:|" + "---:|" * len(metric_keys))
         for label, a in rows:
             config = mp.assignment_config(a)
-            ms, outs = evaluate(config, r.quantized.ranges)
+            ms, outs = evaluate(config)
             metrics = _score(kind, ds, ref, outs)
             counts = "/".join(str(sum(1 for v in a.values() if v == p))
                               for p in ("float", "int8", "int4"))

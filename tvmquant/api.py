@@ -75,7 +75,6 @@ def quantize(
     *,
     progress: bool = True,
     fidelity_samples: int = 0,
-    ranges: dict | None = None,
 ) -> QuantizedModel:
     """Quantize a float Relax module.
 
@@ -92,11 +91,6 @@ def quantize(
     fidelity_samples : int
         If positive, run that many calibration samples through the float, fake-quant and
         integer modules and put the output errors into ``report["fidelity"]``.
-    ranges : dict, optional
-        Calibrated ranges to reuse (``QuantizedModel.ranges`` of an earlier run with the same
-        activation specs, e.g. while trying per-layer weight precisions) instead of
-        calibrating again. If this config quantizes tensors that ``ranges`` lacks (layers
-        newly left in float), it is calibrated on ``calibration_data`` after all.
     """
     config = resolve_config(config)
     mod = _as_irmodule(mod)
@@ -105,19 +99,13 @@ def quantize(
     float_mod = canonicalize_pipeline()(mod)
     samples: list[Sample] = []
     if not config.dynamic:
-        if calibration_data is None and ranges is None:
+        if calibration_data is None:
             raise CalibrationDataError(
                 "static quantization needs calibration data; give calibration_data or use a "
                 "dynamic preset such as 'int8-dynamic'"
             )
-        samples = list(calibration_data or [])
-        plan = plan_quantization(float_mod["main"], config)
-        if ranges is not None and samples and \
-                not set(plan.quantized.values()) <= set(ranges):
-            # (layers left in float quantize other tensors: calibrate this plan instead)
-            ranges = None
-        if ranges is None:
-            ranges = calibrate(float_mod, samples, config, progress=progress)
+        samples = list(calibration_data)
+        ranges = calibrate(float_mod, samples, config, progress=progress)
     else:
         ranges = {}
         samples = list(calibration_data or [])

@@ -2,8 +2,7 @@
 
 :func:`search` runs the whole HAWQ-V3-style loop on a float model and its calibration data:
 
-1. calibrate once (activation ranges are shared by every assignment) and measure the uniform
-   int8 model end to end on the target;
+1. quantize and measure the uniform int8 model end to end on the target;
 2. measure each layer's latency per candidate precision (:mod:`.latency`, a cached table);
    ``rest`` = the int8 model's time minus its int8 layers (everything that is not a layer);
 3. each layer's sensitivity per precision (:mod:`.sensitivity`, ``kl`` or ``hessian``);
@@ -137,9 +136,8 @@ def search(
                          "choose a precision for")
     names = [s.info.name for s in sources]
 
-    # 1. calibration, uniform int8 end to end
+    # 1. uniform int8 end to end
     q8 = quantize(mod, samples, base, progress=progress)
-    ranges = q8.ranges
     e_int8 = time_module(build(q8, tgt, database=database), inputs)
 
     # 2. layer latencies
@@ -184,7 +182,10 @@ def search(
 
     # 5. the chosen model
     config = assignment_config(assignment, base)
-    qmix = quantize(mod, samples, config, ranges=ranges, progress=False)
+    # (calibrated again: a layer left in float changes which tensors are quantized, and a
+    # tensor that only a lookup table reads gets a different observer than one a float
+    # layer reads)
+    qmix = quantize(mod, samples, config, progress=False)
     ex = build(qmix, tgt, database=database)
     measured = time_module(ex, inputs) if measure else None
     predicted = ilp.total(assignment, lat, rest)
