@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-budget", default="1.15x-int8")
     parser.add_argument("--size-budget", default="0.7x-int8")
     parser.add_argument("--n-calib", type=int, default=16)
-    parser.add_argument("--n-eval", type=int, default=24)
+    parser.add_argument("--n-eval", type=int, default=None,
+                        help="eval inputs per model (default: the whole eval split)")
     parser.add_argument("--random", type=int, default=3)
     parser.add_argument("--out", default=str(HERE / "mixed_precision.md"))
     parser.add_argument("--table", default=str(HERE / "records" / "latency.json"),

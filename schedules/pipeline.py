@@ -89,12 +89,14 @@ def fusion_phases(target: tvm.target.Target, *, kernels: bool = True,
     """
     dispatch = []
     if kernels and target.kind.name == "llvm":
-        from .x86.dispatch import DispatchX86Int8, target_has_vnni
+        from .x86.dispatch import DispatchX86Int8, target_has_features, target_has_vnni
         from .x86.dispatch_subbyte import DispatchSubByte
 
         vnni = target_has_vnni(target)
+        avx2 = target_has_features(target, "avx2")
         # few-bit matmuls first: the int8 dispatch would take them as int8 otherwise
-        dispatch = [DispatchSubByte(gemv=vnni), *([DispatchX86Int8()] if vnni else [])]
+        dispatch = [DispatchSubByte(gemv=vnni, avx2=avx2),
+                    *([DispatchX86Int8()] if vnni else [])]
     fusion = [rx.AnnotateTIROpPattern(), rx.FoldConstant(), rx.FuseOps(), rx.FuseTIR()]
     return [*dispatch, backend.DispatchSampling(), backend.DispatchSortScan(),
             rx.LegalizeOps(), *(fusion if fuse else [])]

@@ -360,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", metavar="DIR", help="write sensitivity and Pareto plots (PNG)")
     p.add_argument("--tuning-records", metavar="DIR",
                    help="tuned kernels ('tvmquant tune') for every build and measurement")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="measure latencies on a device behind TVM's RPC tracker")
+    p.add_argument("--rpc-key", metavar="KEY", help="the device key at the tracker")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_mixed_precision)
 
@@ -702,6 +705,11 @@ def _cmd_mixed_precision(args: argparse.Namespace) -> int:
     if not (args.latency_budget or args.size_budget or args.bops_budget):
         raise CLIError("give a budget: --latency-budget, --size-budget or --bops-budget "
                        "(e.g. --latency-budget 0.8x-int8)")
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise CLIError("--rpc-tracker and --rpc-key go together")
+    rpc = RPCDevice(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
+    if rpc is not None:
+        _ = rpc.host_port  # validates HOST:PORT before the slow steps
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     try:
         target = resolve_target(args.target)
@@ -720,7 +728,7 @@ def _cmd_mixed_precision(args: argparse.Namespace) -> int:
                     precisions=precisions, sensitivity=args.sensitivity,
                     sensitivity_samples=args.sensitivity_samples, latency_table=table,
                     cache=args.sensitivity_cache, database=database,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, rpc=rpc)
     report = dict(result.report, model=str(args.model), output=str(args.output),
                   tvmquant_version=__version__)
     report_text = json_dumps(report) if args.report else None

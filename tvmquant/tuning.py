@@ -78,6 +78,19 @@ class RPCDevice:
         return host, int(port)
 
 
+def connect_rpc(rpc: RPCDevice):
+    """A session on the device behind the tracker (fails fast if the tracker is not there)."""
+    host, port = rpc.host_port
+    try:
+        # fail fast: connect_tracker itself retries for a minute
+        socket.create_connection((host, port), timeout=5).close()
+        tracker = tvm.rpc.connect_tracker(host, port)
+        return tracker.request(rpc.key, session_timeout=rpc.timeout_s)
+    except Exception as err:
+        raise TuningError(f"cannot get device {rpc.key!r} from the RPC tracker at "
+                          f"{rpc.tracker}: {err}") from None
+
+
 class _Session:
     """Where kernels run for the checks: this process's CPU or an RPC session."""
 
@@ -88,15 +101,7 @@ class _Session:
         self._tmp = tempfile.TemporaryDirectory(prefix="tvmquant-tune-")
         self._n = 0
         if rpc is not None:
-            host, port = rpc.host_port
-            try:
-                # fail fast: connect_tracker itself retries for a minute
-                socket.create_connection((host, port), timeout=5).close()
-                tracker = tvm.rpc.connect_tracker(host, port)
-                self._remote = tracker.request(rpc.key, session_timeout=rpc.timeout_s)
-            except Exception as err:
-                raise TuningError(f"cannot get device {rpc.key!r} from the RPC tracker at "
-                                  f"{rpc.tracker}: {err}") from None
+            self._remote = connect_rpc(rpc)
 
     @property
     def device(self):

@@ -220,3 +220,66 @@ def bitpack_im2col_kernel(n: int, c: int, h: int, w: int, kh: int, kw: int, stri
                                 T.Cast("uint64", t))
 
     return tvm.IRModule({"main": pack})
+
+
+def _msb_mask32(vec):
+    """The most significant bit of each of 32 bytes as a 32-bit mask (``vpmovmskb``)."""
+    m = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmovmskb"),
+                                T.reinterpret(vec, dtype="int8x32"), dtype="int32")
+    return T.Cast("uint64", T.Cast("uint32", m))
+
+
+def bitpack_conv_nhwc_kernel(n: int, h: int, w: int, c: int, kh: int, kw: int, stride: int,
+                             pad: tuple[int, int, int, int], bits: int) -> tvm.IRModule:
+    """Bit-serial conv2d's input side on x86 (AVX2): NHWC u8 codes -> packed patch planes.
+
+    ``c`` must be a multiple of 64. The reduction index runs ``k = (i, j, ci)`` (kernel row,
+    column, channel), so each 64-bit word is 64 consecutive channels of one input pixel:
+    one 64-byte load, a shift that puts bit ``b`` of every byte in its top bit, and two
+    ``vpmovmskb`` make the word (instead of 64 scalar gathers). Pixels outside the image
+    give zero words. The weights go with :func:`pack_conv_weight_nhwc`.
+    """
+    if c % WORD:
+        raise ValueError(f"channels must be a multiple of {WORD} (pad them), got {c}")
+    top, left, bottom, right = pad
+    ho = (h + top + bottom - kh) // stride + 1
+    wo = (w + left + right - kw) // stride + 1
+    cb = c // WORD
+    k_words = kh * kw * cb
+    words = padded_words(k_words * WORD)
+    rows = n * ho * wo
+
+    @T.prim_func(s_tir=True)
+    def pack(A: T.Buffer((n, h, w, c), "uint8"), P: T.Buffer((bits, rows, words), "uint64")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for r in T.parallel(rows):
+            for b, wd in T.grid(bits, words):
+                with T.sblock("pack"):
+                    T.reads(A[0:n, 0:h, 0:w, 0:c])
+                    T.writes(P[b, r, wd])
+                    i: T.let = wd // (kw * cb)
+                    j: T.let = wd // cb % kw
+                    c0: T.let = wd % cb * WORD
+                    y: T.let = r % (ho * wo) // wo * stride + i - top
+                    x: T.let = r % wo * stride + j - left
+                    if wd < k_words and 0 <= y and y < h and 0 <= x and x < w:
+                        up: T.let = T.broadcast(T.Cast("uint8", 7 - b), 32)
+                        P[b, r, wd] = _msb_mask32(T.shift_left(
+                            A.vload([r // (ho * wo), y, x, c0], "uint8x32"), up)) | \
+                            T.shift_left(_msb_mask32(T.shift_left(
+                                A.vload([r // (ho * wo), y, x, c0 + 32], "uint8x32"), up)),
+                                T.uint64(32))
+                    else:
+                        P[b, r, wd] = T.uint64(0)
+
+    return tvm.IRModule({"main": pack})
+
+
+def pack_conv_weight_nhwc(wt: np.ndarray, bits: int) -> np.ndarray:
+    """OIHW weights -> the planes that :func:`bitpack_conv_nhwc_kernel`'s rows meet:
+    reduction order ``(i, j, ci)`` with channels zero-padded to a multiple of 64."""
+    o, c, kh, kw = wt.shape
+    cp = -(-c // WORD) * WORD
+    padded = np.zeros((o, kh, kw, cp), dtype=np.int64)
+    padded[..., :c] = np.asarray(wt).transpose(0, 2, 3, 1)
+    return bitpack(padded.reshape(o, kh * kw * cp), bits)

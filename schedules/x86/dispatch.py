@@ -26,14 +26,19 @@ from .int8_conv2d import int8_conv2d, pack_conv_weight
 from .int8_dense import Requant, int8_dense, kernel_for_relax, pack_weight
 
 
-def target_has_vnni(target: tvm.target.Target) -> bool:
-    """Whether an LLVM target may use AVX-512 VNNI."""
+def target_has_features(target: tvm.target.Target, *features: str) -> bool:
+    """Whether an LLVM target may use all of the CPU ``features`` (LLVM names)."""
     if target.kind.name != "llvm":
         return False
     try:
-        return bool(tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], target))
-    except Exception:  # older/odd targets: be conservative
+        return bool(tvm.target.codegen.llvm_cpu_has_features(list(features), target))
+    except Exception:  # older/odd targets (another architecture): be conservative
         return False
+
+
+def target_has_vnni(target: tvm.target.Target) -> bool:
+    """Whether an LLVM target may use AVX-512 VNNI."""
+    return target_has_features(target, "avx512vnni")
 
 
 def _op(value, name: str) -> bool:

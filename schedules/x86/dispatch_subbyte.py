@@ -11,9 +11,11 @@ Rules, first match wins:
 
 - **bit-serial** (activations and weights of at most 3 bits, the ``QuantSpec(bits=1..3)``
   layers), matmul and conv2d: the activation codes are bit-packed at run time
-  (:func:`bitpack_kernel`; for a convolution :func:`bitpack_im2col_kernel` gathers the
-  patches while it packs), the weights once at compile time, and the product is a popcount
-  dense (:func:`bitserial_dense`, unipolar activations x two's-complement weights).
+  (:func:`bitpack_kernel`; for a convolution the packing gathers the patches too:
+  :func:`bitpack_conv_nhwc_kernel` with AVX2, 64 channels of one pixel per word, or the
+  portable :func:`bitpack_im2col_kernel`), the weights once at compile time, and the product
+  is a popcount dense (:func:`bitserial_dense`, unipolar activations x two's-complement
+  weights).
 - **sub-byte GEMV** (weights of 2 or 4 bits, at most :data:`MAX_GEMV_ROWS` rows, VNNI
   targets): the weights packed two or four per byte (:func:`pack_subbyte`), unpacked in
   registers; the memory-bound batch-1 shapes where fewer weight bytes are less time.
@@ -32,10 +34,13 @@ from tvm import relax
 from ..._compat import Constant, const_value, dtype_of, static_shape
 from ...passes.analysis import emit_like
 from .bitserial_dense import (
+    WORD,
     bitpack,
+    bitpack_conv_nhwc_kernel,
     bitpack_im2col_kernel,
     bitpack_kernel,
     bitserial_dense,
+    pack_conv_weight_nhwc,
     padded_words,
 )
 from .subbyte_gemv import LANES, k_block, pack_subbyte, subbyte_gemv
@@ -62,9 +67,9 @@ def _kernel_func(mod: tvm.IRModule, name: str) -> tvm.tirx.PrimFunc:
 
 @relax.expr_functor.mutator
 class _SubByteDispatcher(relax.PyExprMutator):
-    def __init__(self, mod, func, gemv: bool):
+    def __init__(self, mod, func, gemv: bool, avx2: bool):
         super().__init__(mod)
-        self.gemv = gemv
+        self.gemv, self.avx2 = gemv, avx2
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.value = {}
         for block in func.body.blocks:
@@ -132,15 +137,27 @@ class _SubByteDispatcher(relax.PyExprMutator):
         _, _, ho, wo = static_shape(call)
         rows, k = n * ho * wo, c * kh * kw
         bb = self.builder_
-        pack = self._kernel(("bitpack_im2col", n, c, h, wd, kh, kw, stride, pad, abits),
-                            lambda: bitpack_im2col_kernel(n, c, h, wd, kh, kw, stride, pad,
-                                                          abits))
+        if self.avx2:  # NHWC, channels padded to 64: one word per pixel and 64 channels
+            cp = -(-c // WORD) * WORD
+            data = bb.emit(relax.op.permute_dims(data, [0, 2, 3, 1]))
+            if cp != c:
+                data = bb.emit(relax.op.nn.pad(data, [0, 0, 0, 0, 0, 0, 0, cp - c],
+                                               pad_value=0.0))
+            k = kh * kw * cp
+            pack = self._kernel(("bitpack_nhwc", n, h, wd, cp, kh, kw, stride, pad, abits),
+                                lambda: bitpack_conv_nhwc_kernel(n, h, wd, cp, kh, kw, stride,
+                                                                 pad, abits))
+            wplanes = relax.const(pack_conv_weight_nhwc(w, wbits), "uint64")
+        else:
+            pack = self._kernel(("bitpack_im2col", n, c, h, wd, kh, kw, stride, pad, abits),
+                                lambda: bitpack_im2col_kernel(n, c, h, wd, kh, kw, stride, pad,
+                                                              abits))
+            wplanes = relax.const(bitpack(w.reshape(o, k).astype(np.int64), wbits), "uint64")
         planes = bb.emit(relax.call_tir(pack, [data], relax.TensorType(
             (abits, rows, padded_words(k)), "uint64")))
         dense = self._kernel(("bitserial", rows, o, k, abits, wbits),
                              lambda: bitserial_dense(rows, o, k, mode="unipolar", abits=abits,
                                                      wbits=wbits))
-        wplanes = relax.const(bitpack(w.reshape(o, k).astype(np.int64), wbits), "uint64")
         out = bb.emit(relax.call_tir(dense, [planes, wplanes],
                                      relax.TensorType((rows, o), "int32")))
         out = bb.emit(relax.op.reshape(out, (n, ho, wo, o)))
@@ -215,17 +232,20 @@ class DispatchSubByte:
     ----------
     gemv : bool
         Allow the sub-byte GEMV kernels (they need AVX-512 VNNI).
+    avx2 : bool
+        Pack convolution inputs with AVX2's ``vpmovmskb`` (NHWC, 64 channels per word)
+        instead of the portable bit-by-bit im2col packing.
     func_name : str
         The Relax function to rewrite.
     """
 
-    def __init__(self, gemv: bool = True, func_name: str = "main"):
-        self.gemv = gemv
+    def __init__(self, gemv: bool = True, avx2: bool = True, func_name: str = "main"):
+        self.gemv, self.avx2 = gemv, avx2
         self.func_name = func_name
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         func = mod[self.func_name]
-        dispatcher = _SubByteDispatcher(mod, func, self.gemv)
+        dispatcher = _SubByteDispatcher(mod, func, self.gemv, self.avx2)
         new_func = dispatcher.visit_expr(func)
         if not dispatcher.picked:
             return mod

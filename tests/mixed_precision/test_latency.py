@@ -1,6 +1,7 @@
 """The latency table: per-layer modules, keying, caching and reuse across models."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -99,3 +100,21 @@ def test_assignment_config():
     assert config.weight_spec("matmul_0", "matmul").bits == 8
     with pytest.raises(ValueError, match="unknown precision 'int3'"):
         assignment_config({"conv2d_0": "int3"})
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the loopback RPC setup uses Linux "
+                    "process groups")
+def test_latencies_through_rpc_tracker(sources, tmp_path):
+    """Layers built here, uploaded to and timed on the device behind a (loopback) tracker;
+    the table keys them by the device key too."""
+    from tvmquant.testing import loopback_rpc
+    from tvmquant.tuning import RPCDevice, connect_rpc
+
+    table = L.LatencyTable(tmp_path / "lat.json")
+    with loopback_rpc("tvmquant-mp") as tracker:
+        remote = connect_rpc(RPCDevice(tracker, "tvmquant-mp"))
+        got = L.measure_latencies(sources[:2], ["int8"], TARGET, table, progress=False,
+                                  number=2, repeat=2, remote=remote, device_key="tvmquant-mp")
+    assert all(row["int8"] > 0 for row in got.values())
+    (tkey,) = table.data
+    assert tkey.endswith("@tvmquant-mp")

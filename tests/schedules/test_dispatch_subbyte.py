@@ -12,9 +12,11 @@ import tvm
 from tvm import relax
 from tvmquant.schedules.x86.bitserial_dense import (
     bitpack,
+    bitpack_conv_nhwc_kernel,
     bitpack_im2col_kernel,
     bitpack_kernel,
     bitserial_dense,
+    pack_conv_weight_nhwc,
     padded_words,
 )
 from tvmquant.schedules.x86.dispatch_subbyte import DispatchSubByte, signed_bits
@@ -154,9 +156,10 @@ def test_packed_weights_shrink_the_compiled_file(tmp_path, bits):
     assert 0.97 * expected <= saved <= 1.03 * expected, (sizes, expected)
 
 
-def test_bitserial_conv_in_a_convnet():
+@pytest.mark.parametrize("packing", ["nhwc-avx2", "im2col"])
+def test_bitserial_conv_in_a_convnet(packing):
     """conv2d_0 writes 2-bit activations, conv2d_1 reads them with ternary weights: a
-    bit-serial convolution (packing im2col + popcount dense), bit-exact end to end."""
+    bit-serial convolution (packing + popcount dense), bit-exact end to end."""
     from tvmquant.testing import random_inputs, small_convnet
 
     base = get_preset("int8")
@@ -168,8 +171,17 @@ def test_bitserial_conv_in_a_convnet():
     after = DispatchSubByte()(q.mod)
     relax.analysis.well_formed(after)
     assert list(after["main"].attrs["tvmquant.subbyte_kernels"]) == ["bitserial conv a2w2"]
-    fast = relax.VirtualMachine(tvmquant.build(q.mod, TARGET if _cpu_has("avx512_vnni")
-                                               else "x86-avx2"), tvm.cpu())
+    if packing == "nhwc-avx2":
+        if not _cpu_has("avx2"):
+            pytest.skip("this CPU has no AVX2 (avx2 not in /proc/cpuinfo)")
+        target = "x86-avx2"
+    else:
+        target = {"kind": "llvm", "mcpu": "generic"}  # no AVX2: the portable packing
+    lowered = tvmquant.schedules.pipeline.build_pipeline(tvmquant.resolve_target(target))(q.mod)
+    kernels = [gv.name_hint for gv in lowered.functions]
+    assert any(("bitpack_nhwc" if packing == "nhwc-avx2" else "bitpack_im2col") in k
+               for k in kernels), kernels
+    fast = relax.VirtualMachine(tvmquant.build(q.mod, target), tvm.cpu())
     plain = relax.VirtualMachine(tvmquant.build(q.mod, "llvm", kernels=False,
                                                 schedules=False), tvm.cpu())
     for x in random_inputs(3, seed=np.random.default_rng().integers(1 << 30)):
@@ -179,23 +191,36 @@ def test_bitserial_conv_in_a_convnet():
                                    rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("packing", ["nhwc-avx2", "im2col"])
 @pytest.mark.parametrize("shape", [(1, 5, 7, 9, 6, 3, 3, 1, (1, 1, 1, 1), 2, 2),
-                                   (2, 16, 8, 8, 4, 3, 3, 2, (1, 0, 1, 0), 1, 2),
+                                   (2, 70, 8, 8, 4, 3, 3, 2, (1, 0, 1, 0), 1, 2),
                                    (1, 64, 14, 14, 32, 1, 1, 1, (0, 0, 0, 0), 3, 3)])
-def test_bitpack_im2col_conv_exact(shape):
-    """Packing im2col + popcount dense against a direct NumPy convolution, fresh inputs."""
+def test_bitserial_conv_exact(shape, packing):
+    """Packing (NHWC with vpmovmskb, or portable im2col) + popcount dense against a direct
+    NumPy convolution, fresh inputs."""
     n, c, h, w, o, kh, kw, s, pad, ab, wb = shape
     rng = np.random.default_rng()
     a = rng.integers(0, 1 << ab, (n, c, h, w)).astype(np.uint8)
     wt = rng.integers(-(1 << (wb - 1)), 1 << (wb - 1), (o, c, kh, kw)).astype(np.int8)
     ho, wo = (h + pad[0] + pad[2] - kh) // s + 1, (w + pad[1] + pad[3] - kw) // s + 1
-    k = c * kh * kw
-    pack = tvm.compile(bitpack_im2col_kernel(n, c, h, w, kh, kw, s, pad, ab), TARGET)
+    if packing == "nhwc-avx2":
+        if not _cpu_has("avx2"):
+            pytest.skip("this CPU has no AVX2 (avx2 not in /proc/cpuinfo): vpmovmskb")
+        cp = -(-c // 64) * 64
+        data = np.zeros((n, h, w, cp), np.uint8)
+        data[..., :c] = a.transpose(0, 2, 3, 1)
+        k = kh * kw * cp
+        pack = tvm.compile(bitpack_conv_nhwc_kernel(n, h, w, cp, kh, kw, s, pad, ab), TARGET)
+        wplanes = pack_conv_weight_nhwc(wt, wb)
+    else:
+        data, k = a, c * kh * kw
+        pack = tvm.compile(bitpack_im2col_kernel(n, c, h, w, kh, kw, s, pad, ab), TARGET)
+        wplanes = bitpack(wt.reshape(o, k), wb)
     planes = tvm.runtime.tensor(np.zeros((ab, n * ho * wo, padded_words(k)), np.uint64))
-    pack.mod["main"](tvm.runtime.tensor(a), planes)
+    pack.mod["main"](tvm.runtime.tensor(data), planes)
     dense = tvm.compile(bitserial_dense(n * ho * wo, o, k, abits=ab, wbits=wb), TARGET)
     out = tvm.runtime.tensor(np.zeros((n * ho * wo, o), np.int32))
-    dense.mod["main"](planes, tvm.runtime.tensor(bitpack(wt.reshape(o, k), wb)), out)
+    dense.mod["main"](planes, tvm.runtime.tensor(wplanes), out)
     ap = np.pad(a.astype(np.int64), ((0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])))
     ref = np.zeros((n, o, ho, wo), np.int64)
     for i in range(kh):

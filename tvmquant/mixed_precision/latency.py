@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,36 +110,53 @@ def layer_module(src: LayerSource, precision: str) -> tvm.IRModule:
     return relax.transform.FoldConstant()(mod)
 
 
-def time_module(ex, inputs: Sequence[np.ndarray], device=None, *, number: int = 10,
-                repeat: int = 5) -> float:
-    """Median milliseconds of ``main`` (``time_evaluator``)."""
-    dev = device or tvm.cpu()
-    vm = relax.VirtualMachine(ex, dev)
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+def time_module(ex, inputs: Sequence[np.ndarray], *, number: int = 10, repeat: int = 5,
+                remote=None) -> float:
+    """Median milliseconds of ``main`` (``time_evaluator``), here or on an RPC ``remote``
+    (a session from :func:`tvmquant.tuning.connect_rpc`: the library is uploaded there)."""
+    if remote is not None:
+        with tempfile.TemporaryDirectory(prefix="tvmquant-latency-") as tmp:
+            path = os.path.join(tmp, "layer.so")
+            ex.export_library(path)
+            remote.upload(path)
+            lib = remote.load_module("layer.so")
+        dev = remote.cpu()
+        vm = relax.VirtualMachine(lib, dev)
+    else:
+        dev = tvm.cpu()
+        vm = relax.VirtualMachine(ex, dev)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), device=dev) for a in inputs]
     vm["main"](*args)
     f = vm.time_evaluator("main", dev, number=number, repeat=repeat)
     return float(f(*args).median * 1e3)
 
 
 def measure_layer(src: LayerSource, precision: str, target, *, database=None,
-                  number: int = 10, repeat: int = 5) -> float:
-    """Milliseconds of one layer at one precision on ``target`` (built with tvmquant.build)."""
+                  number: int = 10, repeat: int = 5, remote=None) -> float:
+    """Milliseconds of one layer at one precision on ``target`` (built with tvmquant.build),
+    here or on an RPC ``remote``."""
     from ..api import build
 
     ex = build(layer_module(src, precision), target, database=database)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, src.info.input_shape).astype(np.uint8)
-    return time_module(ex, [x], number=number, repeat=repeat)
+    return time_module(ex, [x], number=number, repeat=repeat, remote=remote)
 
 
 def measure_latencies(sources: Sequence[LayerSource], precisions: Sequence[str], target,
                       table: LatencyTable, *, database=None, progress: bool = True,
-                      number: int = 10, repeat: int = 5) -> dict[str, dict[str, float]]:
-    """``{layer name: {precision: ms}}``, measuring only what ``table`` lacks."""
-    from ..api import resolve_target
+                      number: int = 10, repeat: int = 5, remote=None,
+                      device_key: str | None = None) -> dict[str, dict[str, float]]:
+    """``{layer name: {precision: ms}}``, measuring only what ``table`` lacks.
+
+    With an RPC ``remote`` the layers run on that device; ``device_key`` (the tracker key)
+    then joins the target in the table's key, so that two boards of one target type that
+    differ are not confused.
+    """
+    from ..targets import resolve_target
 
     tgt = resolve_target(target)
-    tkey = target_key(tgt)
+    tkey = target_key(tgt) + (f"@{device_key}" if device_key else "")
     todo = [(s, p) for s in sources for p in precisions
             if table.get(tkey, s.info.key(), p) is None]
     seen = set()
@@ -150,7 +169,7 @@ def measure_latencies(sources: Sequence[LayerSource], precisions: Sequence[str],
         for src, precision in bar:
             bar.set_postfix_str(f"{src.info.name} {precision}")
             ms = measure_layer(src, precision, tgt, database=database, number=number,
-                               repeat=repeat)
+                               repeat=repeat, remote=remote)
             table.put(tkey, src.info.key(), precision, ms)
             table.save()  # after every layer: an interrupted run keeps its measurements
     return {s.info.name: {p: table.get(tkey, s.info.key(), p) for p in precisions}

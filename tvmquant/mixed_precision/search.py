@@ -81,6 +81,7 @@ def search(
     measure: bool = True,
     progress: bool = True,
     hessian_vectors: int = 32,
+    rpc=None,
 ) -> MixedPrecisionResult:
     """Choose each layer's precision under budgets; returns the quantized, compiled choice.
 
@@ -109,6 +110,9 @@ def search(
         Tuned records (``tvmquant tune``) used for every build.
     measure : bool
         Build and time the chosen model (the check of the latency prediction).
+    rpc : tvmquant.tuning.RPCDevice, optional
+        Measure every latency (layers and whole models) on the device behind TVM's RPC
+        tracker instead of this machine; ``target`` must then describe that device.
     """
     from ..api import build, quantize
 
@@ -124,6 +128,11 @@ def search(
         raise ValueError(f"sensitivity must be 'kl' or 'hessian', got {sensitivity!r}")
     base = base or get_preset("int8")
     tgt = resolve_target(target)
+    remote = None
+    if rpc is not None:
+        from ..tuning import connect_rpc
+
+        remote = connect_rpc(rpc)
     samples = list(calibration_data)
     if not samples:
         raise ValueError("mixed precision needs calibration samples (none given)")
@@ -138,13 +147,14 @@ def search(
 
     # 1. uniform int8 end to end
     q8 = quantize(mod, samples, base, progress=progress)
-    e_int8 = time_module(build(q8, tgt, database=database), inputs)
+    e_int8 = time_module(build(q8, tgt, database=database), inputs, remote=remote)
 
     # 2. layer latencies
     table = latency_table if isinstance(latency_table, LatencyTable) else \
         LatencyTable(latency_table)
     lat = measure_latencies(sources, precisions, tgt, table, database=database,
-                            progress=progress)
+                            progress=progress, remote=remote,
+                            device_key=rpc.key if rpc is not None else None)
     rest = e_int8 - sum(lat[n]["int8"] for n in names)
 
     # 3. sensitivity
@@ -187,7 +197,7 @@ def search(
     # layer reads)
     qmix = quantize(mod, samples, config, progress=False)
     ex = build(qmix, tgt, database=database)
-    measured = time_module(ex, inputs) if measure else None
+    measured = time_module(ex, inputs, remote=remote) if measure else None
     predicted = ilp.total(assignment, lat, rest)
     counts = {p: sum(1 for v in assignment.values() if v == p) for p in precisions}
     report = {
