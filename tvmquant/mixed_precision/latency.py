@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,11 +116,13 @@ def time_module(ex, inputs: Sequence[np.ndarray], *, number: int = 10, repeat: i
     """Median milliseconds of ``main`` (``time_evaluator``), here or on an RPC ``remote``
     (a session from :func:`tvmquant.tuning.connect_rpc`: the library is uploaded there)."""
     if remote is not None:
+        # a fresh name per upload: overwriting a library the server has loaded crashes it
+        name = f"tvmquant-{uuid.uuid4().hex[:12]}.so"
         with tempfile.TemporaryDirectory(prefix="tvmquant-latency-") as tmp:
-            path = os.path.join(tmp, "layer.so")
+            path = os.path.join(tmp, name)
             ex.export_library(path)
             remote.upload(path)
-            lib = remote.load_module("layer.so")
+            lib = remote.load_module(name)
         dev = remote.cpu()
         vm = relax.VirtualMachine(lib, dev)
     else:
