@@ -682,6 +682,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
              + (f" x{t.weight}" if t.weight > 1 else ""))
     _out(f"estimated speed-up of the tuned kernels over the default ones: "
          f"{rep.estimated_speedup():.2f}x; records: {rep.records_dir}")
+    if rep.end_to_end_default_ms is not None:
+        _out(f"whole model: {rep.end_to_end_default_ms:.3f} ms with the default schedules, "
+             f"{rep.end_to_end_tuned_ms:.3f} ms tuned"
+             + (" -> not faster: records dropped" if rep.records_dropped else ""))
     if rep.interrupted:
         _out("interrupted: run the same command again to resume")
         return 130

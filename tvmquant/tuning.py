@@ -240,6 +240,9 @@ class TuneReport:
     trials_run: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+    end_to_end_default_ms: float | None = None  # the whole model, default schedules
+    end_to_end_tuned_ms: float | None = None  # the whole model with the kept records
+    records_dropped: bool = False  # the kept records did not make the model faster
 
     @property
     def records_dir(self) -> Path:
@@ -299,6 +302,7 @@ def tune(
     builder_workers: int | None = None,
     max_tasks: int = 16,
     min_share: float = 0.01,
+    end_to_end: bool = True,
 ) -> TuneReport:
     """Tune the kernels of ``mod`` for ``target``; see the module docstring.
 
@@ -307,6 +311,11 @@ def tune(
     total budget of measured candidates (spread over those tasks by MetaSchedule's gradient
     task scheduler). Running again with the same ``work_dir`` resumes: only the missing
     trials run, then the tuned tasks are checked again.
+
+    With ``end_to_end`` (the default), the whole model is then timed with the default
+    schedules and with the kept records (on the same device): records that do not make the
+    model faster are dropped (every kernel faster alone does not guarantee it: layouts,
+    caches and fusion boundaries interact), and the report says so.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -365,12 +374,43 @@ def tune(
                 kept.append(record)
             bar.update(1)
         bar.close()
+        _write_records(work, kept)
+        if end_to_end and kept and not report.interrupted:
+            _end_to_end_check(mod, target, work, session, report, kernels)
     finally:
         session.close()
-    _write_records(work, kept)
+    if report.records_dropped:
+        _write_records(work, [])
     report.seconds = time.perf_counter() - t_start
     atomic_write_json(work / "report.json", report.as_dict())
     return report
+
+
+def _end_to_end_check(mod, target, work: Path, session: _Session, report: TuneReport,
+                      kernels: bool) -> None:
+    """Time the whole model without and with the records; mark them dropped if no faster."""
+    from .calibration.runner import input_signature
+    from .mixed_precision.latency import time_module
+    from .schedules.pipeline import build
+
+    rng = np.random.default_rng(0)
+    inputs = []
+    for shape, dtype in input_signature(mod).values():
+        if np.dtype(dtype).kind == "f":
+            inputs.append(rng.normal(0, 1, shape).astype(dtype))
+        else:
+            inputs.append(rng.integers(0, 8, shape).astype(dtype))
+    ms_default = time_module(build(mod, target, kernels=kernels), inputs,
+                             remote=session._remote)
+    ms_tuned = time_module(build(mod, target, kernels=kernels,
+                                 database=str(work / "records")), inputs,
+                           remote=session._remote)
+    report.end_to_end_default_ms, report.end_to_end_tuned_ms = ms_default, ms_tuned
+    if ms_tuned >= ms_default:
+        report.records_dropped = True
+        logger.warning("the tuned kernels do not make the model faster end to end (%.3f ms "
+                       "against %.3f ms with the default schedules): records dropped",
+                       ms_tuned, ms_default)
 
 
 def _share(results: Sequence[TaskResult], picked: Sequence[int]) -> float:

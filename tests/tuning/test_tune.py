@@ -47,6 +47,9 @@ def test_tune_smoke_and_apply(qmod, tmp_path):
     assert tuning.records_database(tmp_path) == str(tmp_path / "records")
     kept = [t for t in rep.tasks if t.kept]
     assert all(t.tuned_us < t.default_us for t in kept)
+    if kept:  # the whole model was timed both ways; slower records would have been dropped
+        assert rep.end_to_end_default_ms > 0 and rep.end_to_end_tuned_ms > 0
+        assert rep.records_dropped == (rep.end_to_end_tuned_ms >= rep.end_to_end_default_ms)
     # the tuned build computes what the default build computes
     tuned = tvmquant.build(qmod, TARGET, database=tuning.records_database(tmp_path))
     plain = tvmquant.build(qmod, TARGET)
@@ -170,3 +173,32 @@ def test_torn_database_line_is_dropped(tmp_path):
     path.write_text(f"{good}\n{good[:17]}")  # killed while appending the second record
     tuning._repair_database(tmp_path)
     assert path.read_text() == f"{good}\n"
+
+
+def test_records_slower_end_to_end_are_dropped(qmod, tmp_path, monkeypatch):
+    """Kernels faster alone, model slower as a whole: the records are not kept."""
+    from tvmquant.mixed_precision import latency
+
+    calls = []
+
+    def timing(ex, inputs, **kw):  # default build first, then the tuned one: slower
+        calls.append(1)
+        return float(len(calls))
+
+    monkeypatch.setattr(latency, "time_module", timing)
+    monkeypatch.setattr(tuning, "_check_task", lambda task, db, *a: _any_record(db, task))
+    rep = tuning.tune(qmod, TARGET, tmp_path, trials=4, trials_per_iter=4, progress=False,
+                      max_tasks=1, min_share=0.0)
+    assert len(calls) == 2 and rep.records_dropped
+    assert (rep.end_to_end_default_ms, rep.end_to_end_tuned_ms) == (1.0, 2.0)
+    db = ms.database.JSONDatabase(work_dir=str(tmp_path / "records"))
+    assert len(db) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["records_dropped"] is True
+
+
+def _any_record(db, task):
+    mod = task.dispatched[0]
+    if not db.has_workload(mod):
+        return None
+    top = db.get_top_k(db.commit_workload(mod), 1)
+    return top[0] if top else None

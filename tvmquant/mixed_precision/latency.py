@@ -1,6 +1,8 @@
 """Measured per-layer latencies: a lookup table keyed by target, layer shape and precision.
 
-Each layer is rebuilt alone, the way it runs inside the integer graph: 8-bit codes in,
+Each layer is rebuilt alone, the way it runs inside the integer graph: its input codes in
+(with the int8 model's scale, zero point and dtype, see
+:func:`~tvmquant.mixed_precision.layers.attach_qparams`),
 ``dequantize -> op (-> bias -> clamp) -> quantize`` lowered by
 :class:`~tvmquant.passes.LowerToIntegerOnly` (for ``float``: left in float between the two),
 compiled by :func:`tvmquant.build` for the target (so with the dispatched, scheduled kernels
@@ -34,8 +36,6 @@ from ..passes.insert_fake_quant import quantize_weight
 from .layers import LayerSource, weight_spec
 
 logger = logging.getLogger(__name__)
-
-_IN_SCALE, _IN_ZP, _OUT_SCALE, _OUT_ZP = 0.02, 128, 0.05, 0
 
 
 def target_key(target: tvm.target.Target) -> str:
@@ -82,13 +82,15 @@ class LatencyTable:
 def layer_module(src: LayerSource, precision: str) -> tvm.IRModule:
     """The layer alone, 8-bit codes in and out, lowered like the integer graph lowers it."""
     info = src.info
+    (in_scale, in_zp, in_dtype), (out_scale, out_zp, out_dtype) = (src.input_qparams,
+                                                                   src.output_qparams)
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(info.input_shape, "uint8"))
+    x = relax.Var("x", relax.TensorType(info.input_shape, in_dtype))
     f32 = "float32"
     with bb.function("main", [x]):
         with bb.dataflow():
-            xd = bb.emit(relax.op.dequantize(x, relax.const(_IN_SCALE, f32),
-                                             relax.const(_IN_ZP, "int32")))
+            xd = bb.emit(relax.op.dequantize(x, relax.const(in_scale, f32),
+                                             relax.const(in_zp, "int32")))
             spec = weight_spec(precision)
             if spec is None:
                 w = relax.const(src.weight.astype(np.float32))
@@ -104,8 +106,8 @@ def layer_module(src: LayerSource, precision: str) -> tvm.IRModule:
                 y = bb.emit(relax.Call(src.clamp.op, [y, *src.clamp.args[1:]],
                                        src.clamp.attrs))
             out = bb.emit_output(relax.op.quantize(
-                y, relax.const(_OUT_SCALE, f32), relax.const(_OUT_ZP, "int32"),
-                out_dtype="uint8"))
+                y, relax.const(out_scale, f32), relax.const(out_zp, "int32"),
+                out_dtype=out_dtype))
         bb.emit_func_output(out)
     mod = LowerToIntegerOnly()(bb.get())
     return relax.transform.FoldConstant()(mod)
@@ -142,7 +144,10 @@ def measure_layer(src: LayerSource, precision: str, target, *, database=None,
 
     ex = build(layer_module(src, precision), target, database=database)
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, src.info.input_shape).astype(np.uint8)
+    dtype = np.dtype(src.input_qparams[2])
+    info = np.iinfo(dtype)
+    x = rng.integers(max(info.min, -128), min(info.max, 255) + 1,
+                     src.info.input_shape).astype(dtype)
     return time_module(ex, [x], number=number, repeat=repeat, remote=remote)
 
 

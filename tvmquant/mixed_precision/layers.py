@@ -58,6 +58,10 @@ class LayerInfo:
     macs: int
     has_bias: bool
     clamp: str | None  # relu / clip fused into the layer
+    # the grids around it in the int8 model: input zero point 0 or not (a nonzero one adds
+    # a pad or a subtraction, and decides which kernel runs), output codes' dtype
+    input_zp_zero: bool = False
+    output_dtype: str = "uint8"
 
     @property
     def weights(self) -> int:
@@ -73,7 +77,8 @@ class LayerInfo:
         """What the layer's latency depends on (name excluded: shared across models)."""
         attrs = ",".join(f"{k}={v}" for k, v in self.attrs)
         return (f"{self.op}|in={list(self.input_shape)}|w={list(self.weight_shape)}|"
-                f"bias={int(self.has_bias)}|clamp={self.clamp}|{attrs}")
+                f"bias={int(self.has_bias)}|clamp={self.clamp}|zp0={int(self.input_zp_zero)}|"
+                f"out={self.output_dtype}|{attrs}")
 
 
 @dataclass
@@ -86,6 +91,10 @@ class LayerSource:
     weight: np.ndarray
     bias: relax.Expr | None
     clamp: relax.Call | None
+    output: relax.Var | None = None  # the layer's output (after bias and clamp)
+    # (scale, zero point, dtype) of the input and output codes in the int8 model
+    input_qparams: tuple[float, int, str] = (0.02, 128, "uint8")
+    output_qparams: tuple[float, int, str] = (0.05, 0, "uint8")
 
 
 _ATTR_FIELDS = ("strides", "padding", "dilation", "groups", "data_layout", "kernel_layout",
@@ -143,7 +152,33 @@ def anchor_layers(float_mod: tvm.IRModule, func_name: str = "main") -> list[Laye
             attrs=_attrs(call), macs=_macs(layer.op, in_shape, weight.shape, out_shape),
             has_bias=bias is not None,
             clamp=None if clamp is None else clamp.op.name.split(".")[-1])
-        out.append(LayerSource(info, layer.members[0], call, weight, bias, clamp))
+        out.append(LayerSource(info, layer.members[0], call, weight, bias, clamp, layer.output))
+    return out
+
+
+def attach_qparams(sources: list[LayerSource], quantized) -> list[LayerSource]:
+    """Give each layer the grids of its input and output in ``quantized`` (a
+    ``QuantizedModel`` whose ``float_mod`` the sources come from), so that a layer rebuilt
+    alone runs the kernels it runs inside the model."""
+    plan = quantized.plan
+    entries = {t["name"]: t for t in quantized.report.get("tensors", [])}
+
+    def qparams(var):
+        name = plan.quantized.get(var)
+        entry = entries.get(name)
+        while entry is not None and "inherits" in entry and "scale" not in entry:
+            entry = entries.get(entry["inherits"])
+        if entry is None or "scale" not in entry:
+            return None
+        scale, zp = np.ravel(entry["scale"])[0], np.ravel(entry["zero_point"])[0]
+        return float(scale), int(zp), str(entry["dtype"])
+
+    out = []
+    for src in sources:
+        qin = qparams(src.call.args[0]) or src.input_qparams
+        qout = (qparams(src.output) if src.output is not None else None) or src.output_qparams
+        info = dataclasses.replace(src.info, input_zp_zero=qin[1] == 0, output_dtype=qout[2])
+        out.append(dataclasses.replace(src, info=info, input_qparams=qin, output_qparams=qout))
     return out
 
 
@@ -168,4 +203,4 @@ def assignment_config(assignment: dict[str, str], base: QuantConfig | None = Non
 
 
 __all__ = ["PRECISIONS", "LayerInfo", "LayerSource", "anchor_layers", "assignment_config",
-           "weight_spec"]
+           "attach_qparams", "weight_spec"]

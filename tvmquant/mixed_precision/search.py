@@ -25,11 +25,10 @@ import tvm
 
 from ..calibration.runner import check_sample, input_signature
 from ..config import QuantConfig, get_preset
-from ..passes import canonicalize_pipeline
 from ..targets import resolve_target
 from . import ilp
 from .latency import LatencyTable, measure_latencies, target_key, time_module
-from .layers import PRECISIONS, anchor_layers, assignment_config
+from .layers import PRECISIONS, anchor_layers, assignment_config, attach_qparams
 from .sensitivity import (
     SensitivityCache,
     hessian_sensitivity,
@@ -136,17 +135,16 @@ def search(
     samples = list(calibration_data)
     if not samples:
         raise ValueError("mixed precision needs calibration samples (none given)")
-    float_mod = canonicalize_pipeline()(mod)
+    # 1. uniform int8 end to end
+    q8 = quantize(mod, samples, base, progress=progress)
+    float_mod = q8.float_mod
     signature = input_signature(float_mod)
     inputs = check_sample(samples[0], signature, 0)
-    sources = anchor_layers(float_mod)
+    sources = attach_qparams(anchor_layers(float_mod), q8)
     if not sources:
         raise ValueError("the model has no conv2d/matmul layer with constant weights to "
                          "choose a precision for")
     names = [s.info.name for s in sources]
-
-    # 1. uniform int8 end to end
-    q8 = quantize(mod, samples, base, progress=progress)
     e_int8 = time_module(build(q8, tgt, database=database), inputs, remote=remote)
 
     # 2. layer latencies
@@ -159,7 +157,10 @@ def search(
 
     # 3. sensitivity
     sens_cache = SensitivityCache(cache)
-    sens_samples = samples[:sensitivity_samples]
+    # spread over the calibration data (splits are often ordered: the first pages of det's
+    # calibration split have no text at all, and a blank page measures nothing)
+    step = max(1, len(samples) // sensitivity_samples)
+    sens_samples = samples[::step][:sensitivity_samples]
     if sensitivity == "kl":
         sens = kl_sensitivity(float_mod, sources, sens_samples, precisions, target=tgt,
                               progress=progress, cache=sens_cache)
