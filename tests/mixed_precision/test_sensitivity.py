@@ -70,8 +70,10 @@ def test_output_divergence_branches():
 
 @pytest.fixture(scope="module")
 def convnet():
-    mod = canonicalize_pipeline()(small_convnet())
-    return mod, anchor_layers(mod), random_inputs(2)
+    from tvmquant.mixed_precision.layers import attach_qparams
+
+    q8 = tvmquant.quantize(small_convnet(), random_inputs(4), "int8", progress=False)
+    return q8.float_mod, attach_qparams(anchor_layers(q8.float_mod), q8), random_inputs(2)
 
 
 def test_lifted_weights_compute_the_same(convnet):
@@ -81,6 +83,22 @@ def test_lifted_weights_compute_the_same(convnet):
     x = samples[0]["x"]
     np.testing.assert_allclose(run_module(lifted, x, *[s.weight for s in sources]),
                                run_module(mod, x), rtol=1e-5, atol=1e-6)
+
+
+def test_activation_switches(convnet):
+    """Switched off, the lifted module is the float model exactly; switching one layer on
+    quantizes that layer's output on its int8 grid."""
+    mod, sources, samples = convnet
+    lifted = S.lift_weights(mod, sources, activations=True)
+    x = samples[0]["x"]
+    ws = [s.weight for s in sources]
+    off = [np.array([0, 1, 0, 0], np.float32)] * len(sources)
+    np.testing.assert_array_equal(run_module(lifted, x, *ws, *off),
+                                  run_module(S.lift_weights(mod, sources), x, *ws))
+    scale, zp, _ = sources[0].output_qparams
+    on = list(off)
+    on[0] = np.array([1, scale, zp, 0], np.float32)
+    assert np.abs(run_module(lifted, x, *ws, *on) - run_module(lifted, x, *ws, *off)).max() > 0
 
 
 def test_kl_sensitivity_and_its_cache(convnet, tmp_path, monkeypatch):

@@ -41,33 +41,70 @@ from .layers import LayerSource, weight_spec
 logger = logging.getLogger(__name__)
 
 
+_CODE_RANGE = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767)}
+
+
 @relax.expr_functor.mutator
 class _LiftWeights(relax.PyExprMutator):
-    def __init__(self, mod, params: dict):
+    def __init__(self, mod, params: dict, acts: dict):
         super().__init__(mod)
         self.params = params
+        self.acts = acts  # layer output var -> (param [enable, scale, zp, 0], qmin, qmax)
 
     def visit_var_binding_(self, binding):
         param = self.params.get(binding.var)
         if param is None:
             super().visit_var_binding_(binding)
-            return
-        call = binding.value
-        new = relax.Call(call.op, [self.visit_expr(call.args[0]), param], call.attrs,
-                         call.ty_args)
-        self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, new))
+        else:
+            call = binding.value
+            new = relax.Call(call.op, [self.visit_expr(call.args[0]), param], call.attrs,
+                             call.ty_args)
+            self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, new))
+        act = self.acts.get(binding.var)
+        if act is not None:
+            self.set_var_remap(binding.var, self._fake_quant(self.visit_expr(binding.var),
+                                                              *act))
+
+    def _fake_quant(self, y, p, qmin, qmax):
+        """``y + enable * (dequantize(quantize(y)) - y)``: ``y`` itself while disabled."""
+        bb = self.builder_
+
+        def item(i):
+            return bb.emit(relax.op.take(p, relax.const(np.array([i], np.int64), "int64"),
+                                         axis=0))
+
+        enable, scale, zp = item(0), item(1), item(2)
+        q = bb.emit(relax.op.add(relax.op.round(relax.op.divide(y, scale)), zp))
+        q = bb.emit(relax.op.clip(q, qmin, qmax))
+        dq = bb.emit(relax.op.multiply(relax.op.subtract(q, zp), scale))
+        delta = bb.emit(relax.op.multiply(relax.op.subtract(dq, y), enable))
+        return bb.emit(relax.op.add(y, delta))
 
 
 def lift_weights(float_mod: tvm.IRModule, sources: Sequence[LayerSource],
-                 func_name: str = "main") -> tvm.IRModule:
-    """``main(*inputs, *weights)``: the anchors' constant weights become parameters."""
+                 func_name: str = "main", *, activations: bool = False) -> tvm.IRModule:
+    """``main(*inputs, *weights[, *activation_qparams])``: the anchors' constant weights
+    become parameters; with ``activations``, each layer's output also passes through a
+    fake quantization switched by a parameter ``[enable, scale, zero point, 0]`` (off:
+    the float value, exactly), so one compiled module quantizes any single layer."""
     func = float_mod[func_name]
     params = {s.var: relax.Var(f"w_{s.info.name}",
                                relax.TensorType(s.weight.shape, str(s.weight.dtype)))
               for s in sources}
-    lifted = _LiftWeights(float_mod, params).visit_expr(func)
-    new = relax.Function(list(lifted.params) + [params[s.var] for s in sources], lifted.body,
-                         lifted.ret_ty, lifted.is_pure, lifted.attrs)
+    acts, act_params = {}, []
+    if activations:
+        for s in sources:
+            if isinstance(s.output, relax.DataflowVar):  # (not a model output)
+                p = relax.Var(f"a_{s.info.name}", relax.TensorType((4,), "float32"))
+                qmin, qmax = _CODE_RANGE.get(s.output_qparams[2], (0, 255))
+                acts[s.output] = (p, qmin, qmax)
+                act_params.append(p)
+            else:
+                act_params.append(relax.Var(f"a_{s.info.name}",
+                                            relax.TensorType((4,), "float32")))
+    lifted = _LiftWeights(float_mod, params, acts).visit_expr(func)
+    new = relax.Function(list(lifted.params) + [params[s.var] for s in sources] + act_params,
+                         lifted.body, lifted.ret_ty, lifted.is_pure, lifted.attrs)
     return tvm.IRModule({func_name: new})
 
 
@@ -150,21 +187,33 @@ class SensitivityCache:
 
 def kl_sensitivity(float_mod: tvm.IRModule, sources: Sequence[LayerSource],
                    samples: Sequence[dict], precisions: Sequence[str], *, target="llvm",
-                   progress: bool = True, cache: SensitivityCache | None = None
-                   ) -> dict[str, dict[str, float]]:
-    """ZeroQ-style sensitivity ``{layer: {precision: divergence}}`` (float is 0)."""
+                   progress: bool = True, cache: SensitivityCache | None = None,
+                   activations: bool = True) -> dict[str, dict[str, float]]:
+    """ZeroQ-style sensitivity ``{layer: {precision: divergence}}`` (float is 0).
+
+    Only that layer is quantized: its weights at the precision and, with ``activations``,
+    its output on the int8 model's grid (``LayerSource.output_qparams``), as the integer
+    graph would; a layer left in float keeps both in float. Without ``activations`` the
+    measure is of the weights alone.
+    """
     from ..api import build
     from ..calibration.runner import check_sample, input_signature
 
-    key = "kl-" + _cache_key(float_mod, samples, {"precisions": list(precisions)})
+    key = "kl-" + _cache_key(float_mod, samples, {
+        "precisions": list(precisions), "activations": bool(activations),
+        "grids": [list(s.output_qparams) for s in sources] if activations else []})
     if cache is not None and (hit := cache.get(key)) is not None and \
             set(hit) >= {s.info.name for s in sources}:
         return hit
     signature = input_signature(float_mod)
     inputs = [[tvm.runtime.tensor(np.ascontiguousarray(a))
                for a in check_sample(s, signature, i)] for i, s in enumerate(samples)]
-    vm = relax.VirtualMachine(build(lift_weights(float_mod, sources), target), tvm.cpu())
+    vm = relax.VirtualMachine(build(lift_weights(float_mod, sources, activations=activations),
+                                    target), tvm.cpu())
     weights = [tvm.runtime.tensor(s.weight) for s in sources]
+    off = np.array([0.0, 1.0, 0.0, 0.0], np.float32)
+    if activations:
+        weights += [tvm.runtime.tensor(off) for _ in sources]
     refs = [_flatten(vm["main"](*x, *weights)) for x in inputs]
     out: dict[str, dict[str, float]] = {}
     from tqdm.auto import tqdm
@@ -176,6 +225,10 @@ def kl_sensitivity(float_mod: tvm.IRModule, sources: Sequence[LayerSource],
         row = out.setdefault(src.info.name, {"float": 0.0} if "float" in precisions else {})
         trial = list(weights)
         trial[i] = tvm.runtime.tensor(fake_quant_weight(src.weight, precision, src.info.op))
+        if activations:
+            scale, zp, _ = src.output_qparams
+            trial[len(sources) + i] = tvm.runtime.tensor(
+                np.array([1.0, scale, zp, 0.0], np.float32))
         row[precision] = float(np.mean([
             output_divergence(ref, _flatten(vm["main"](*x, *trial)))
             for x, ref in zip(inputs, refs)]))
