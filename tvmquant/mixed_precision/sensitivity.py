@@ -71,7 +71,7 @@ class _LiftWeights(relax.PyExprMutator):
 
         def item(i):
             return bb.emit(relax.op.take(p, relax.const(np.array([i], np.int64), "int64"),
-                                         axis=0))
+                                         axis=0, mode="clip"))
 
         enable, scale, zp = item(0), item(1), item(2)
         q = bb.emit(relax.op.add(relax.op.round(relax.op.divide(y, scale)), zp))
