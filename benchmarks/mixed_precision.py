@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -156,10 +155,14 @@ def main(argv=None) -> int:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     from tvmquant.io import atomic_write_bytes
 
+    sys.path.insert(0, str(HERE))
+    import fidelity
+
+    n_eval = args.n_eval if args.n_eval is not None else "all"
     lines = ["# Mixed precision on PP-OCRv4: ILP against uniform and random assignments", "",
-             f"Machine: {platform.processor() or platform.machine()}, "
+             f"Machine: {fidelity._cpu()}, "
              f"{os.cpu_count()} CPUs, {args.threads} threads, target `{args.target}`; "
-             f"{args.n_calib} calibration and {args.n_eval} eval inputs per model "
+             f"{args.n_calib} calibration and {n_eval} eval inputs per model "
              "(`tvmquant.datasets`). Fidelity is against the float model's own outputs. "
              "Regenerate: `.venv/bin/python benchmarks/mixed_precision.py`.", ""]
     for kind in [m.strip() for m in args.models.split(",") if m.strip()]:
