@@ -173,6 +173,17 @@ class _LowerMutator(relax.PyExprMutator):
         x = self.emit(relax.op.clip(x, int(lo), int(hi)))
         return self.emit(relax.op.astype(x, out_dtype), name)
 
+    def _zero_point_padded(self, a: _QTensor, attrs):
+        """A conv2d's input codes and padding: with a nonzero zero point, padded with the zero
+        point (= real 0) here and convolved unpadded."""
+        padding = [int(p) for p in attrs.padding]
+        if a.zp == 0 or not any(padding):
+            return a.codes, padding
+        top, left, bottom, right = padding
+        data = self.emit(relax.op.nn.pad(a.codes, [0, 0, 0, 0, top, bottom, left, right],
+                                         pad_value=float(a.zp)))
+        return data, [0, 0, 0, 0]
+
     def _shifted(self, q: _QTensor, dtype="int32"):
         x = self.emit(relax.op.astype(q.codes, dtype))
         if q.zp:
@@ -211,14 +222,7 @@ class _LowerMutator(relax.PyExprMutator):
                 return None
             if w_axis % 4 != 0:
                 return None
-            data = a.codes
-            padding = [int(p) for p in attrs.padding]
-            if a.zp != 0 and any(padding):
-                # Pad with the zero point (= real 0), then convolve unpadded.
-                top, left, bottom, right = padding
-                data = self.emit(relax.op.nn.pad(
-                    data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(a.zp)))
-                padding = [0, 0, 0, 0]
+            data, padding = self._zero_point_padded(a, attrs)
             acc = self.emit(relax.op.nn.conv2d(
                 data, wconst, strides=attrs.strides, padding=padding, dilation=attrs.dilation,
                 groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW",
@@ -293,13 +297,7 @@ class _LowerMutator(relax.PyExprMutator):
             kh, kw = wq.shape[2:]
             wg = wq.reshape(n_out, groups, gs, kh, kw).transpose(1, 0, 2, 3, 4)
             wsum = wg.astype(np.int64).sum(axis=(2, 3, 4))  # (G, O)
-            data = a.codes
-            padding = [int(p) for p in attrs.padding]
-            if a.zp != 0 and any(padding):
-                top, left, bottom, right = padding
-                data = self.emit(relax.op.nn.pad(
-                    data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(a.zp)))
-                padding = [0, 0, 0, 0]
+            data, padding = self._zero_point_padded(a, attrs)
             part = self.emit(relax.op.nn.conv2d(
                 data, self._const(wg.reshape(groups * n_out, gs, kh, kw), str(wq.dtype)),
                 strides=attrs.strides, padding=padding, dilation=attrs.dilation,

@@ -164,6 +164,12 @@ how it chooses:
 """
 
 
+def _cache_file(name: str) -> str:
+    """``$XDG_CACHE_HOME/tvmquant/NAME`` (``~/.cache`` by default)."""
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tvmquant"
+               / name)
+
+
 def _para(text: str) -> str:
     """A description paragraph wrapped for the raw-text help formatter."""
     return textwrap.fill(text, width=88)
@@ -348,12 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity-samples", type=_positive_int, default=4, metavar="N",
                    help="calibration samples used for sensitivity (default: 4)")
     p.add_argument("--latency-table", metavar="FILE",
-                   default=str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                               / "tvmquant" / "latency.json"),
+                   default=_cache_file("latency.json"),
                    help="measured layer latencies, reused across models (default: %(default)s)")
     p.add_argument("--sensitivity-cache", metavar="FILE",
-                   default=str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                               / "tvmquant" / "sensitivity.json"),
+                   default=_cache_file("sensitivity.json"),
                    help="sensitivities per model and data, reused when they match "
                    "(default: %(default)s)")
     p.add_argument("--report", metavar="REPORT.json", help="write the search's report as JSON")
