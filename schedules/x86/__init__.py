@@ -9,8 +9,12 @@
 - :mod:`.subbyte_gemv`: batch-1 (few-row) matmul with 8/4/2-bit weights packed 1/2/4 per
   byte, unpacked in registers.
 - :mod:`.bitserial_dense`: binary (XNOR), ternary and few-bit unipolar dense on vector
-  popcount (``vpopcntq``; NEON ``cnt`` when cross-compiled for ARM).
+  popcount (``vpopcntq``; NEON ``cnt`` when cross-compiled for ARM), and the run-time
+  packing kernels of bit-serial matmuls and convolutions (NHWC with ``vpmovmskb``, or
+  portable im2col).
 - :mod:`.dispatch`: the Relax pass that puts the int8 kernels into integer-only graphs.
+- :mod:`.dispatch_subbyte`: the Relax pass that puts few-bit layers on the bit-serial and
+  sub-byte GEMV kernels.
 
 Every kernel is checked bit-exact against NumPy in ``tests/schedules/``.
 """
