@@ -59,9 +59,17 @@ class _Rewriter(relax.PyExprMutator):
         shape = static_shape(x)
         axes, begin, end = (_ints(a) for a in call.args[1:4])
         strides = _ints(call.args[4]) if len(call.args) > 4 else [1] * len(axes)
+        takes = []
         for ax, b, e, s in zip(axes, begin, end, strides):
             idx = np.arange(*slice(b, e, s).indices(shape[ax]), dtype=np.int64)
-            x = self.emit(relax.op.take(x, relax.const(idx, "int64"), axis=ax, mode="clip"))
+            takes.append((ax, idx))
+        return self._takes(x, takes)
+
+    def _takes(self, x, takes):
+        """``take`` along each ``(axis, indices)``; the last one unbound (the binding's)."""
+        for i, (ax, idx) in enumerate(takes):
+            t = relax.op.take(x, relax.const(idx, "int64"), axis=ax, mode="clip")
+            x = t if i == len(takes) - 1 else self.emit(t)
         return x
 
     def _layer_norm(self, call):
@@ -85,12 +93,12 @@ class _Rewriter(relax.PyExprMutator):
             return None
         x = call.args[0]
         in_shape = static_shape(x)
+        takes = []
         for ax in (2, 3):
             n_in, n_out = in_shape[ax], out_shape[ax]
             idx = np.minimum(np.floor(np.arange(n_out) * (n_in / n_out)), n_in - 1)
-            x = self.emit(relax.op.take(x, relax.const(idx.astype(np.int64), "int64"),
-                                        axis=ax, mode="clip"))
-        return x
+            takes.append((ax, idx.astype(np.int64)))
+        return self._takes(x, takes)
 
     def _conv_transpose(self, call):
         attrs = call.attrs

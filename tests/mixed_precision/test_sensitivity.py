@@ -133,8 +133,8 @@ def test_differentiable_form_structure():
     def expected(bb, x):
         lo = bb.emit(relax.op.maximum(x, relax.const(0.0, "float32")))
         c = bb.emit(relax.op.minimum(lo, relax.const(6.0, "float32")))
-        return bb.emit(relax.op.take(c, relax.const(np.array([1, 3], np.int64), "int64"),
-                                     axis=2, mode="clip"))
+        return relax.op.take(c, relax.const(np.array([1, 3], np.int64), "int64"), axis=2,
+                             mode="clip")
 
     after = run_pass(DifferentiableForm(), function(before))
     tvm.ir.assert_structural_equal(after, function(expected))
@@ -157,3 +157,68 @@ def test_differentiable_form_on_real_models(kind):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
     adjoint = S.loss_module(mod, anchor_layers(mod))
     assert "main_loss_adjoint" in [gv.name_hint for gv in adjoint.functions]
+
+
+def _one_input(body, shape, dtype="float32"):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_differentiable_form_conv_transpose_and_resize():
+    """Before/Expected: an upsampling conv_transpose (stride = kernel) becomes a matmul and a
+    depth-to-space; a nearest resize becomes two takes. Same values on fresh inputs."""
+    w = np.random.default_rng(3).normal(0, 1, (4, 3, 2, 2)).astype("float32")
+
+    def before(bb, x):
+        y = bb.emit(relax.op.nn.conv2d_transpose(x, relax.const(w), strides=2))
+        return relax.op.image.resize2d(y, (10, 10), method="nearest_neighbor",
+                                       coordinate_transformation_mode="asymmetric",
+                                       rounding_method="floor")
+
+    def expected(bb, x):
+        rows = bb.emit(relax.op.reshape(relax.op.permute_dims(x, [0, 2, 3, 1]), (16, 4)))
+        cols = bb.emit(relax.op.reshape(relax.const(w), (4, 12)))
+        y = bb.emit(relax.op.matmul(rows, cols))
+        y = bb.emit(relax.op.reshape(y, (1, 4, 4, 3, 2, 2)))
+        y = bb.emit(relax.op.permute_dims(y, [0, 3, 1, 4, 2, 5]))
+        y = bb.emit(relax.op.reshape(y, (1, 3, 8, 8)))
+        idx = relax.const(np.floor(np.arange(10) * 0.8).astype(np.int64), "int64")
+        y = bb.emit(relax.op.take(y, idx, axis=2, mode="clip"))
+        return relax.op.take(y, idx, axis=3, mode="clip")
+
+    mod = _one_input(before, (1, 4, 4, 4))
+    after = run_pass(DifferentiableForm(), mod)
+    tvm.ir.assert_structural_equal(after, _one_input(expected, (1, 4, 4, 4)))
+    x = np.random.default_rng().normal(0, 1, (1, 4, 4, 4)).astype("float32")
+    np.testing.assert_allclose(run_module(after, x), run_module(mod, x), rtol=1e-5, atol=1e-6)
+
+
+def test_differentiable_form_squeeze_and_layer_norm():
+    gamma = np.random.default_rng(4).uniform(0.5, 1.5, 6).astype("float32")
+    beta = np.random.default_rng(5).normal(0, 0.1, 6).astype("float32")
+
+    def before(bb, x):
+        s = bb.emit(relax.op.squeeze(x, axis=[0]))
+        return relax.op.nn.layer_norm(s, relax.const(gamma), relax.const(beta), axes=[-1],
+                                      epsilon=1e-5)
+
+    def expected(bb, x):
+        s = bb.emit(relax.op.reshape(x, (3, 6)))
+        mean = bb.emit(relax.op.mean(s, axis=[-1], keepdims=True))
+        xm = bb.emit(relax.op.subtract(s, mean))
+        var = bb.emit(relax.op.mean(relax.op.multiply(xm, xm), axis=[-1], keepdims=True))
+        std = bb.emit(relax.op.sqrt(relax.op.add(var, relax.const(np.float32(1e-5)))))
+        y = bb.emit(relax.op.divide(xm, std))
+        y = bb.emit(relax.op.multiply(y, relax.const(gamma)))
+        return relax.op.add(y, relax.const(beta))
+
+    mod = _one_input(before, (1, 3, 6))
+    after = run_pass(DifferentiableForm(), mod)
+    tvm.ir.assert_structural_equal(after, _one_input(expected, (1, 3, 6)))
+    x = np.random.default_rng().normal(0, 2, (1, 3, 6)).astype("float32")
+    np.testing.assert_allclose(run_module(after, x), run_module(mod, x), rtol=1e-5, atol=1e-5)
