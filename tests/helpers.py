@@ -19,6 +19,17 @@ def run_pass(pass_, mod: tvm.IRModule) -> tvm.IRModule:
     return out
 
 
+def one_input_module(body, shape, dtype: str = "float32") -> tvm.IRModule:
+    """``main(x)`` whose dataflow block is ``body(bb, x)`` (its return value is the output)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 def run_module(mod: tvm.IRModule, *inputs: np.ndarray) -> np.ndarray:
     ex = tvm.compile(mod, tvm.target.Target({"kind": "llvm"}))
     vm = relax.VirtualMachine(ex, tvm.cpu())

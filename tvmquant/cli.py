@@ -164,6 +164,22 @@ how it chooses:
 """
 
 
+def _add_rpc_options(p: argparse.ArgumentParser, tracker_help: str) -> None:
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help=tracker_help)
+    p.add_argument("--rpc-key", metavar="KEY", help="the device key at the tracker")
+
+
+def _rpc_device(args: argparse.Namespace) -> RPCDevice | None:
+    """The device of ``--rpc-tracker``/``--rpc-key``, checked before any slow step."""
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise CLIError("--rpc-tracker and --rpc-key go together")
+    if not args.rpc_tracker:
+        return None
+    rpc = RPCDevice(args.rpc_tracker, args.rpc_key)
+    _ = rpc.host_port  # validates HOST:PORT
+    return rpc
+
+
 def _cache_file(name: str) -> str:
     """``$XDG_CACHE_HOME/tvmquant/NAME`` (``~/.cache`` by default)."""
     return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tvmquant"
@@ -364,9 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", metavar="DIR", help="write sensitivity and Pareto plots (PNG)")
     p.add_argument("--tuning-records", metavar="DIR",
                    help="tuned kernels ('tvmquant tune') for every build and measurement")
-    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
-                   help="measure latencies on a device behind TVM's RPC tracker")
-    p.add_argument("--rpc-key", metavar="KEY", help="the device key at the tracker")
+    _add_rpc_options(p, "measure latencies on a device behind TVM's RPC tracker")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_mixed_precision)
 
@@ -404,9 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured candidates in total, over all kernels (default: 256)")
     p.add_argument("--trials-per-iter", type=_positive_int, default=16, metavar="N",
                    help="candidates measured per search round (default: 16)")
-    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
-                   help="measure on a device behind TVM's RPC tracker instead of this CPU")
-    p.add_argument("--rpc-key", metavar="KEY", help="the device key at the tracker")
+    _add_rpc_options(p, "measure on a device behind TVM's RPC tracker instead of this CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_tune)
 
@@ -649,11 +661,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     model_path = Path(args.model)
     if not model_path.exists():
         raise FileNotFoundError(f"ONNX model {args.model!r} does not exist")
-    if bool(args.rpc_tracker) != bool(args.rpc_key):
-        raise CLIError("--rpc-tracker and --rpc-key go together")
-    rpc = RPCDevice(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
-    if rpc is not None:
-        _ = rpc.host_port  # validates HOST:PORT before the slow steps
+    rpc = _rpc_device(args)
     if args.calibration_data and not Path(args.calibration_data).exists():
         raise CalibrationDataError(f"calibration data {args.calibration_data!r} does not exist")
     args.fake_quant, args.fidelity_samples = False, 0  # (compile-only options)
@@ -713,11 +721,7 @@ def _cmd_mixed_precision(args: argparse.Namespace) -> int:
     if not (args.latency_budget or args.size_budget or args.bops_budget):
         raise CLIError("give a budget: --latency-budget, --size-budget or --bops-budget "
                        "(e.g. --latency-budget 0.8x-int8)")
-    if bool(args.rpc_tracker) != bool(args.rpc_key):
-        raise CLIError("--rpc-tracker and --rpc-key go together")
-    rpc = RPCDevice(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
-    if rpc is not None:
-        _ = rpc.host_port  # validates HOST:PORT before the slow steps
+    rpc = _rpc_device(args)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     try:
         target = resolve_target(args.target)

@@ -179,6 +179,13 @@ def bitpack_kernel(m: int, k: int, bits: int) -> tvm.IRModule:
     return tvm.IRModule({"main": pack})
 
 
+def conv_output_size(h: int, w: int, kh: int, kw: int, stride: int,
+                     pad: tuple[int, int, int, int]) -> tuple[int, int]:
+    """Output height and width of a convolution (``pad`` = top, left, bottom, right)."""
+    top, left, bottom, right = pad
+    return (h + top + bottom - kh) // stride + 1, (w + left + right - kw) // stride + 1
+
+
 def bitpack_im2col_kernel(n: int, c: int, h: int, w: int, kh: int, kw: int, stride: int,
                           pad: tuple[int, int, int, int], bits: int) -> tvm.IRModule:
     """Bit-serial conv2d's input side: NCHW u8 codes -> packed im2col planes.
@@ -189,9 +196,8 @@ def bitpack_im2col_kernel(n: int, c: int, h: int, w: int, kh: int, kw: int, stri
     padding value 0; a nonzero zero point is padded by the graph before). A conv2d is then
     this kernel followed by :func:`bitserial_dense` on the output-pixel rows.
     """
-    top, left, bottom, right = pad
-    ho = (h + top + bottom - kh) // stride + 1
-    wo = (w + left + right - kw) // stride + 1
+    top, left, _, _ = pad
+    ho, wo = conv_output_size(h, w, kh, kw, stride, pad)
     k = c * kh * kw
     words = padded_words(k)
     rows = n * ho * wo
@@ -241,9 +247,8 @@ def bitpack_conv_nhwc_kernel(n: int, h: int, w: int, c: int, kh: int, kw: int, s
     """
     if c % WORD:
         raise ValueError(f"channels must be a multiple of {WORD} (pad them), got {c}")
-    top, left, bottom, right = pad
-    ho = (h + top + bottom - kh) // stride + 1
-    wo = (w + left + right - kw) // stride + 1
+    top, left, _, _ = pad
+    ho, wo = conv_output_size(h, w, kh, kw, stride, pad)
     cb = c // WORD
     k_words = kh * kw * cb
     words = padded_words(k_words * WORD)

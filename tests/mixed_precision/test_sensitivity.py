@@ -4,7 +4,7 @@ and the DifferentiableForm rewrite that lets Relax's Gradient pass run on real m
 import numpy as np
 import pytest
 import tvm
-from helpers import run_module, run_pass
+from helpers import one_input_module, run_module, run_pass
 from tvm import relax
 from tvmquant.passes import DifferentiableForm, canonicalize_pipeline
 
@@ -117,14 +117,8 @@ def test_kl_sensitivity_and_its_cache(convnet, tmp_path, monkeypatch):
 
 
 def test_differentiable_form_structure():
-    def function(body, shape=(1, 4, 6)):
-        bb = relax.BlockBuilder()
-        x = relax.Var("x", relax.TensorType(shape, "float32"))
-        with bb.function("main", [x]):
-            with bb.dataflow():
-                out = bb.emit_output(body(bb, x))
-            bb.emit_func_output(out)
-        return bb.get()
+    def function(body):
+        return one_input_module(body, (1, 4, 6))
 
     def before(bb, x):
         c = bb.emit(relax.op.clip(x, 0, 6))
@@ -159,16 +153,6 @@ def test_differentiable_form_on_real_models(kind):
     assert "main_loss_adjoint" in [gv.name_hint for gv in adjoint.functions]
 
 
-def _one_input(body, shape, dtype="float32"):
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(shape, dtype))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(body(bb, x))
-        bb.emit_func_output(out)
-    return bb.get()
-
-
 def test_differentiable_form_conv_transpose_and_resize():
     """Before/Expected: an upsampling conv_transpose (stride = kernel) becomes a matmul and a
     depth-to-space; a nearest resize becomes two takes. Same values on fresh inputs."""
@@ -191,9 +175,9 @@ def test_differentiable_form_conv_transpose_and_resize():
         y = bb.emit(relax.op.take(y, idx, axis=2, mode="clip"))
         return relax.op.take(y, idx, axis=3, mode="clip")
 
-    mod = _one_input(before, (1, 4, 4, 4))
+    mod = one_input_module(before, (1, 4, 4, 4))
     after = run_pass(DifferentiableForm(), mod)
-    tvm.ir.assert_structural_equal(after, _one_input(expected, (1, 4, 4, 4)))
+    tvm.ir.assert_structural_equal(after, one_input_module(expected, (1, 4, 4, 4)))
     x = np.random.default_rng().normal(0, 1, (1, 4, 4, 4)).astype("float32")
     np.testing.assert_allclose(run_module(after, x), run_module(mod, x), rtol=1e-5, atol=1e-6)
 
@@ -217,8 +201,8 @@ def test_differentiable_form_squeeze_and_layer_norm():
         y = bb.emit(relax.op.multiply(y, relax.const(gamma)))
         return relax.op.add(y, relax.const(beta))
 
-    mod = _one_input(before, (1, 3, 6))
+    mod = one_input_module(before, (1, 3, 6))
     after = run_pass(DifferentiableForm(), mod)
-    tvm.ir.assert_structural_equal(after, _one_input(expected, (1, 3, 6)))
+    tvm.ir.assert_structural_equal(after, one_input_module(expected, (1, 3, 6)))
     x = np.random.default_rng().normal(0, 2, (1, 3, 6)).astype("float32")
     np.testing.assert_allclose(run_module(after, x), run_module(mod, x), rtol=1e-5, atol=1e-5)

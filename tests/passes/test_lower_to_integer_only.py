@@ -2,7 +2,7 @@
 
 import numpy as np
 import tvm
-from helpers import run_module, run_pass
+from helpers import one_input_module, run_module, run_pass
 from tvm import relax
 from tvmquant.passes import LowerToIntegerOnly
 from tvmquant.passes.lower_to_integer_only import FALLBACK_ATTR, INTEGER_ATTR
@@ -15,13 +15,7 @@ def _c(v, dtype):
 
 
 def _qdq_function(build_body, in_dtype="uint8", shape=(1, 4, 6, 6)):
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(shape, in_dtype))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(build_body(bb, x))
-        bb.emit_func_output(out)
-    return bb.get()
+    return one_input_module(build_body, shape, in_dtype)
 
 
 def _with_attrs(mod, fallbacks=()):

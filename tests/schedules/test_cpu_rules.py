@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tvm
 import tvm_ffi
+from helpers import one_input_module
 from tvm import relax, tirx
 from tvmquant.schedules.cpu import Injective, SpatialReduction
 from tvmquant.schedules.pipeline import build, build_pipeline
@@ -22,13 +23,7 @@ TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2}
 
 
 def _module(shape, dtype, body):
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(shape, dtype))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(body(bb, x))
-        bb.emit_func_output(out)
-    return bb.get()
+    return one_input_module(body, shape, dtype)
 
 
 def _requant(bb, acc, m0=12345, shift=16, zp=3):
