@@ -32,7 +32,7 @@ from tvm import relax
 
 from ..calibration.observers import observe_range
 from ..config import QuantConfig
-from ..numerics import compute_qparams, quantize
+from ..numerics import binarize, compute_qparams, quantize, ternarize
 from ..spec import Granularity, QuantSpec
 from .analysis import (
     QuantPlan,
@@ -56,6 +56,15 @@ def quantize_weight(
     """
     ch_axis = spec.axis if spec.axis is not None else weight_channel_axis(op, w.ndim)
     ch_axis %= w.ndim
+    if spec.is_binary or spec.observer == "twn":
+        # XNOR-Net / TWN: codes and scale come from the weights' magnitudes, not a range.
+        if spec.granularity is Granularity.PER_GROUP:
+            raise ValueError(f"{spec.describe()} weights are per tensor or per channel, "
+                             "not per group")
+        axis = ch_axis if spec.granularity is Granularity.PER_CHANNEL else None
+        q, scale = (binarize if spec.is_binary else ternarize)(w, axis)
+        return q, scale if axis is not None else scale.reshape(()), \
+            np.zeros(np.shape(scale), np.int32), ch_axis
     if spec.granularity is Granularity.PER_TENSOR:
         lo, hi = observe_range(spec.observer, spec, w, axis=None)
         scale, zp = compute_qparams(spec, lo, hi)
@@ -149,6 +158,14 @@ class _FakeQuantMutator(relax.PyExprMutator):
         scale, zp, spec = self.qparams[name]
         s = relax.const(np.float32(scale), "float32")
         z = relax.const(np.int32(zp), "int32")
+        if spec.is_binary:  # codes are signs: +1 for x >= 0, -1 below
+            sign = self.builder_.emit(relax.op.greater_equal(x, relax.const(0.0, "float32")))
+            q = self.builder_.emit(relax.op.where(sign, relax.const(1, "int8"),
+                                                  relax.const(-1, "int8")),
+                                   name_hint=f"{name}_q")
+            return self.builder_.emit(relax.op.dequantize(q, s, z, axis=-1,
+                                                          out_dtype="float32"),
+                                      name_hint=f"{name}_dq")
         q = self.builder_.emit(relax.op.quantize(x, s, z, axis=-1, out_dtype=spec.storage_dtype),
                                name_hint=f"{name}_q")
         if spec.bits < 8:

@@ -23,6 +23,8 @@ Rules (each keyed by the op that produces the value a ``quantize`` consumes)
   grouped convolution / batched matmul, combined with 15-bit integer group weights in int64.
 - mean (global average pooling): int32 sum, then dyadic requantization.
 - concat: operands requantized to the output grid, then concatenated.
+- binary codes (``where(y >= 0, 1, -1)``, ``QuantSpec.binary()``): the sign of the anchor's
+  int32 accumulator with its bias, or of a quantized tensor's codes minus its zero point.
 Anything else stays in float, between a dequantize and a quantize; such places are recorded
 in the function attribute ``tvmquant.float_fallbacks`` as ``"tensor: reason"`` strings.
 An anchor whose output is not quantized (a model output) keeps a float rescale of its integer
@@ -401,8 +403,9 @@ class _LowerMutator(relax.PyExprMutator):
             return prod.args[0], lo, hi
         return y, qmin, qmax
 
-    def _rule_anchor(self, y, s, z, qmin, qmax, out_dtype):
-        cur, lo, hi = self._peel_clamp(y, s, z, qmin, qmax)
+    def _anchor_acc(self, cur):
+        """The int32 accumulator (bias added) behind a rescaled anchor output ``cur`` or
+        ``add(cur, const bias)``: (accumulator, _Acc), or None."""
         bias = None
         prod = self._producer(cur)
         if prod is not None and prod.op.name == "relax.add":
@@ -427,7 +430,36 @@ class _LowerMutator(relax.PyExprMutator):
             acc_scale = np.broadcast_to(np.asarray(info.scale, np.float64), (nch,))
             bq = np.clip(np.round(bias_vec / acc_scale), -(2**31), 2**31 - 1).astype(np.int32)
             acc = self.emit(relax.op.add(acc, self._const(bq.reshape(full), dtype_of(acc))))
+        return acc, info
+
+    def _rule_anchor(self, y, s, z, qmin, qmax, out_dtype):
+        cur, lo, hi = self._peel_clamp(y, s, z, qmin, qmax)
+        found = self._anchor_acc(cur)
+        if found is None:
+            return None
+        acc, info = found
         return self._requant(acc, info.scale / s, info.ch_axis, info.ndim, z, lo, hi, out_dtype)
+
+    def _sign_input(self, call: relax.Call):
+        """``y`` if ``call`` is binary codes ``where(y >= 0, 1, -1)``, else None."""
+        cond = self._producer(call.args[0])
+        if cond is None or cond.op.name != "relax.greater_equal" or \
+                _scalar(cond.args[1]) != 0 or [_scalar(a) for a in call.args[1:]] != [1, -1]:
+            return None
+        return cond.args[0]
+
+    def _lower_sign(self, y):
+        """Binary codes of ``y``: the sign of ``y`` is the sign of its integer accumulator
+        (scales are positive), so no requantization at all (a BatchNorm folded into the bias
+        becomes the threshold, as in binary networks). Returns the integer condition, or
+        None."""
+        found = self._anchor_acc(y)
+        if found is not None:
+            return self.emit(relax.op.greater_equal(found[0], self._const(0, "int32")))
+        q = self._as_dequantized(y)
+        if q is not None:  # codes at or above the zero point
+            return self.emit(relax.op.greater_equal(self._shifted(q), self._const(0, "int32")))
+        return None
 
     def _rule_requant(self, y, s, z, qmin, qmax, out_dtype):
         q = self._as_dequantized(y)
@@ -615,6 +647,15 @@ class _LowerMutator(relax.PyExprMutator):
                 if dynamic is not None:
                     self._emit_binding(var, dynamic)
                     return
+            elif name == "relax.where" and (y := self._sign_input(value)) is not None:
+                cond = self._lower_sign(y)
+                if cond is not None:
+                    self._emit_binding(var, relax.Call(value.op, [cond, *value.args[1:]],
+                                                       value.attrs, value.ty_args))
+                    return
+                if self._producer(y) is not None:
+                    self.fallbacks.append(f"{var.name.removesuffix('_q')}: binary codes of "
+                                          "a tensor without an integer rule")
             elif name == "relax.quantize":
                 codes, reason = self._lower_quantize(value)
                 if codes is not None:

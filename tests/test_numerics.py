@@ -8,12 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tvmquant.numerics import (
+    binarize,
     compute_qparams,
     dequantize,
     dyadic,
     quantize,
     requantize,
     rounding_right_shift,
+    ternarize,
 )
 from tvmquant.spec import QuantSpec
 
@@ -96,3 +98,30 @@ def test_dyadic_rejects_nonpositive():
         dyadic(0.0)
     with pytest.raises(ValueError):
         dyadic(-1.0)
+
+
+def test_binary_and_ternary_grids():
+    binary = QuantSpec.binary()
+    assert (binary.qmin, binary.qmax, binary.is_binary) == (-1, 1, True)
+    assert binary.describe() == "binary per_tensor"
+    assert binary.observer == "meanabs"
+    ternary = QuantSpec.ternary()
+    assert (ternary.qmin, ternary.qmax, ternary.is_binary) == (-1, 1, False)
+    assert QuantSpec(bits=1, signed=True).qmin == -1 and QuantSpec(bits=1).qmax == 0
+    with pytest.raises(ValueError, match="twn"):
+        QuantSpec(bits=4, observer="twn")
+
+
+def test_binarize_minimises_the_error_of_alpha_sign():
+    """XNOR-Net's alpha = mean |w| minimises ||w - alpha sign(w)|| (checked on a grid)."""
+    rng = np.random.default_rng()
+    w = rng.normal(0, 1, (4, 50))
+    codes, alpha = binarize(w, axis=0)
+    np.testing.assert_array_equal(codes, np.where(w >= 0, 1, -1))
+    for c in range(4):
+        errs = [np.sum((w[c] - a * codes[c]) ** 2) for a in alpha[c] * np.array([0.9, 1, 1.1])]
+        assert np.argmin(errs) == 1
+    codes, alpha = ternarize(np.array([[0.1, -2.0, 1.0, 0.5]]), axis=0)
+    # delta = 0.7 * 0.9 = 0.63: keeps -2.0 and 1.0, scale their mean magnitude
+    np.testing.assert_array_equal(codes, [[0, -1, 1, 0]])
+    np.testing.assert_allclose(alpha, [1.5])

@@ -73,6 +73,9 @@ class QuantConfig:
             raise ValueError(f"lut_input_bits must be 8 or 16, got {self.lut_input_bits!r}")
         object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "skip", tuple(self.skip))
+        if self.dynamic and self.activation.is_binary:
+            raise ValueError("binary activations are calibrated (the meanabs observer); "
+                             "use a static config (dynamic=False)")
         if self.activation.granularity is not Granularity.PER_TENSOR:
             raise ValueError(
                 "activations are quantized per tensor; per-channel/per-group activation "

@@ -85,6 +85,44 @@ def quantize(
     return np.clip(q, qmin, qmax).astype(np.int32)
 
 
+def _magnitude_mean(x: np.ndarray, mask: np.ndarray, axis: int | None) -> np.ndarray:
+    """Mean of ``|x|`` where ``mask``, per channel along ``axis`` (all of ``x`` if None)."""
+    a = np.abs(np.asarray(x, dtype=np.float64)) * mask
+    n = np.asarray(mask, dtype=np.float64)
+    if axis is None:
+        total, count = a.sum(), n.sum()
+    else:
+        others = tuple(i for i in range(a.ndim) if i != axis % a.ndim)
+        total, count = a.sum(axis=others), n.sum(axis=others)
+    mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    return np.maximum(mean, _MIN_SCALE).astype(np.float32)
+
+
+def binarize(w: np.ndarray, axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """XNOR-Net binary weights: codes ``sign(w)`` (+1 for ``w >= 0``) and the scale
+    ``alpha = mean |w|`` (per channel along ``axis``), the scale minimising
+    ``||w - alpha * sign(w)||``. Returns (int8 codes, float32 scales)."""
+    w = np.asarray(w)
+    codes = np.where(w >= 0, 1, -1).astype(np.int8)
+    return codes, _magnitude_mean(w, np.ones(w.shape, bool), axis)
+
+
+def ternarize(w: np.ndarray, axis: int | None = None,
+              delta_ratio: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    """Ternary weight networks (Li & Liu, 2016): threshold ``delta = 0.7 mean |w|``; codes
+    ``sign(w)`` where ``|w| > delta``, else 0; scale ``alpha`` = mean ``|w|`` above the
+    threshold (per channel along ``axis``). Returns (int8 codes, float32 scales)."""
+    w = np.asarray(w, dtype=np.float64)
+    delta = delta_ratio * _magnitude_mean(w, np.ones(w.shape, bool), axis).astype(np.float64)
+    if axis is not None:
+        shape = [1] * w.ndim
+        shape[axis % w.ndim] = -1
+        delta = delta.reshape(shape)
+    keep = np.abs(w) > delta
+    codes = (np.sign(w) * keep).astype(np.int8)
+    return codes, _magnitude_mean(w, keep, axis)
+
+
 def dequantize(
     q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None
 ) -> np.ndarray:

@@ -39,7 +39,11 @@ class QuantSpec:
         onto the whole grid with an integer zero point.
     narrow_range : bool
         Restricted range: drop the most negative code so that a signed grid is symmetric
-        about zero (``[-127, 127]`` for 8 bits).
+        about zero (``[-127, 127]`` for 8 bits, ``{-1, 0, +1}`` for 2 bits: ternary). A
+        1-bit grid has no room for zero and becomes the **binary** grid ``{-1, +1}``
+        (XNOR-Net): codes are the sign of the value (``x >= 0`` gives +1) and the scale is
+        a magnitude, XNOR-Net's ``alpha = mean |W|`` per channel for weights, the
+        ``meanabs`` observer's ``mean |x|`` for activations.
     granularity : Granularity
         Per tensor, per channel or per group.
     axis : int or None
@@ -81,19 +85,49 @@ class QuantSpec:
             raise ValueError("narrow_range applies to signed grids only; use signed=True")
         if self.bits == 1 and not self.symmetric:
             raise ValueError("1-bit (binary) grids are symmetric; use symmetric=True")
+        if self.observer == "twn" and not (self.bits == 2 and self.narrow_range):
+            raise ValueError("observer='twn' (ternary weight networks) quantizes onto the "
+                             "ternary grid: use bits=2, signed=True, narrow_range=True")
+
+    @classmethod
+    def binary(cls, **kw) -> QuantSpec:
+        """The binary grid ``{-1, +1}`` (XNOR-Net): ``bits=1, narrow_range=True``.
+
+        Per-channel for weights (``granularity="per_channel"``); activations use the
+        ``meanabs`` observer by default.
+        """
+        kw.setdefault("observer", "meanabs")
+        return cls(bits=1, signed=True, symmetric=True, narrow_range=True, **kw)
+
+    @classmethod
+    def ternary(cls, **kw) -> QuantSpec:
+        """The ternary grid ``{-1, 0, +1}`` with TWN's threshold (weights: zero below
+        ``0.7 mean |W|``, scale ``mean |W|`` of the rest, per channel by default)."""
+        kw.setdefault("observer", "twn")
+        kw.setdefault("granularity", "per_channel")
+        return cls(bits=2, signed=True, symmetric=True, narrow_range=True, **kw)
 
     # --- derived values -------------------------------------------------------------------
+    @property
+    def is_binary(self) -> bool:
+        """The binary grid ``{-1, +1}`` (1 bit, restricted range): codes are signs."""
+        return self.bits == 1 and self.narrow_range
+
     @property
     def qmin(self) -> int:
         """Smallest integer code."""
         if not self.signed:
             return 0
+        if self.is_binary:
+            return -1
         low = -(1 << (self.bits - 1))
         return low + 1 if self.narrow_range else low
 
     @property
     def qmax(self) -> int:
         """Largest integer code."""
+        if self.is_binary:
+            return 1
         return (1 << self.bits) - 1 if not self.signed else (1 << (self.bits - 1)) - 1
 
     @property
@@ -117,6 +151,8 @@ class QuantSpec:
     def describe(self) -> str:
         """A short human-readable summary, e.g. ``int8 sym per_channel``."""
         kind = "int" if self.signed else "uint"
+        if self.is_binary:
+            return " ".join(["binary", self.granularity.value])
         parts = [f"{kind}{self.bits}", "sym" if self.symmetric else "asym"]
         if self.narrow_range:
             parts.append("narrow")

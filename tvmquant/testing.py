@@ -64,6 +64,45 @@ def small_convnet(seed: int = 0, channels: int = 8, size: int = 12,
     return bb.get()
 
 
+def binary_convnet(seed: int = 0, channels: int = 64, size: int = 12) -> tvm.IRModule:
+    """A network shaped for binary and ternary layers, with 8-bit first and last layers:
+    conv-bias-relu (``conv2d_0``) -> conv-bias (``conv2d_1``) -> conv-BatchNorm
+    (``conv2d_2``) -> conv stride 2 no padding, bias (``conv2d_3``) -> relu -> global mean
+    -> dense (``matmul_0``) -> dense (``matmul_1``) -> relu -> dense (``matmul_2``, 10
+    outputs). Input ``x``: (1, 3, size, size)."""
+    rng = np.random.default_rng(seed)
+    c = channels
+
+    def const(*shape, scale=0.3):
+        return relax.const(rng.normal(0, scale, shape).astype("float32"))
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, size, size), "float32"))
+    with bb.function("main", [x], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, const(c, 3, 3, 3), padding=1))
+            y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(y, const(1, c, 1, 1)))))
+            y = bb.emit(relax.op.nn.conv2d(y, const(c, c, 3, 3, scale=0.1), padding=1))
+            y = bb.emit(relax.op.add(y, const(1, c, 1, 1, scale=0.1)))
+            y = bb.emit(relax.op.nn.conv2d(y, const(c, c, 3, 3, scale=0.1), padding=1))
+            bn = [relax.const(rng.uniform(0.5, 1.5, c).astype("float32")),
+                  relax.const(rng.normal(0, 0.3, c).astype("float32")),
+                  relax.const(rng.normal(0, 0.3, c).astype("float32")),
+                  relax.const(rng.uniform(0.5, 1.5, c).astype("float32"))]
+            y = bb.emit(relax.TupleGetItem(bb.emit(relax.op.nn.batch_norm(
+                y, *bn, axis=1, training=False)), 0))
+            y = bb.emit(relax.op.nn.conv2d(y, const(c, c, 3, 3, scale=0.1), strides=2))
+            y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(y, const(1, c, 1, 1)))))
+            y = bb.emit(relax.op.reshape(bb.emit(relax.op.mean(y, axis=[2, 3])), (1, c)))
+            y = bb.emit(relax.op.matmul(y, const(c, c, scale=0.2)))
+            y = bb.emit(relax.op.matmul(y, const(c, c, scale=0.2)))
+            y = bb.emit(relax.op.nn.relu(y))
+            y = bb.emit(relax.op.matmul(y, const(c, 10, scale=0.2)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 def mlp(dims=(64, 128, 256, 128, 10), seed: int = 0) -> tvm.IRModule:
     """matmul -> relu -> ... -> matmul on a ``(1, dims[0])`` input ``x`` (layers ``matmul_i``)."""
     rng = np.random.default_rng(seed)

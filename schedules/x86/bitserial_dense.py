@@ -150,17 +150,20 @@ def bitserial_dense(m: int, n: int, k: int, *, mode: str = "unipolar", abits: in
     return tvm.IRModule({"main": dense})
 
 
-def bitpack_kernel(m: int, k: int, bits: int) -> tvm.IRModule:
-    """Run-time :func:`bitpack` of activation codes: ``A[m, k]`` u8 -> ``[bits, m, words]``.
+def bitpack_kernel(m: int, k: int, bits: int, dtype: str = "uint8",
+                   bit_offset: int = 0) -> tvm.IRModule:
+    """Run-time :func:`bitpack` of activation codes: ``A[m, k]`` -> ``[bits, m, words]``.
 
-    Bit ``t`` of word ``w`` of plane ``b`` is bit ``b`` of ``A[r, 64 w + t]`` (zero past
-    ``k``), the layout :func:`bitserial_dense` reads. Rows run in parallel; the 64 bits of a
-    word are gathered with shifts and ORs.
+    Bit ``t`` of word ``w`` of plane ``b`` is bit ``b + bit_offset`` of ``A[r, 64 w + t]``
+    (zero past ``k``), the layout :func:`bitserial_dense` reads. Rows run in parallel; the
+    64 bits of a word are gathered with shifts and ORs. Binary codes (int8 -1/+1) pack
+    their sign bit: ``dtype="int8", bit_offset=7``, the ``xnor`` encoding (1 = -1).
     """
     words = padded_words(k)
+    _check_bits(dtype, bits, bit_offset)
 
     @T.prim_func(s_tir=True)
-    def pack(A: T.Buffer((m, k), "uint8"), P: T.Buffer((bits, m, words), "uint64")):
+    def pack(A: T.Buffer((m, k), dtype), P: T.Buffer((bits, m, words), "uint64")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         for r in T.parallel(m):
             for b, w in T.grid(bits, words):
@@ -172,11 +175,18 @@ def bitpack_kernel(m: int, k: int, bits: int) -> tvm.IRModule:
                         if w * WORD + t < k:
                             P[b, r, w] = P[b, r, w] | T.shift_left(
                                 T.Cast("uint64", T.bitwise_and(
-                                    T.shift_right(A[r, w * WORD + t], T.Cast("uint8", b)),
-                                    T.uint8(1))),
+                                    T.shift_right(A[r, w * WORD + t],
+                                                  T.Cast(dtype, b + bit_offset)),
+                                    T.Cast(dtype, 1))),
                                 T.Cast("uint64", t))
 
     return tvm.IRModule({"main": pack})
+
+
+def _check_bits(dtype: str, bits: int, bit_offset: int) -> None:
+    if dtype not in ("uint8", "int8") or not 0 <= bit_offset <= 8 - bits:
+        raise ValueError(f"packing takes bits {bit_offset}..{bit_offset + bits - 1} of 8-bit "
+                         f"codes; got dtype={dtype!r}, bits={bits}, bit_offset={bit_offset}")
 
 
 def conv_output_size(h: int, w: int, kh: int, kw: int, stride: int,
@@ -187,15 +197,18 @@ def conv_output_size(h: int, w: int, kh: int, kw: int, stride: int,
 
 
 def bitpack_im2col_kernel(n: int, c: int, h: int, w: int, kh: int, kw: int, stride: int,
-                          pad: tuple[int, int, int, int], bits: int) -> tvm.IRModule:
+                          pad: tuple[int, int, int, int], bits: int, dtype: str = "uint8",
+                          bit_offset: int = 0) -> tvm.IRModule:
     """Bit-serial conv2d's input side: NCHW u8 codes -> packed im2col planes.
 
     ``P[b, r, word]`` with row ``r = (n, y, x)`` over output pixels and reduction index
     ``k = (ci, i, j)`` (the order of an OIHW weight flattened to ``[O, C*kh*kw]``): bit ``b``
     of ``A[n, ci, y*stride + i - top, x*stride + j - left]``, zero outside the image (the
     padding value 0; a nonzero zero point is padded by the graph before). A conv2d is then
-    this kernel followed by :func:`bitserial_dense` on the output-pixel rows.
+    this kernel followed by :func:`bitserial_dense` on the output-pixel rows. ``dtype`` and
+    ``bit_offset`` as in :func:`bitpack_kernel`.
     """
+    _check_bits(dtype, bits, bit_offset)
     top, left, _, _ = pad
     ho, wo = conv_output_size(h, w, kh, kw, stride, pad)
     k = c * kh * kw
@@ -203,7 +216,7 @@ def bitpack_im2col_kernel(n: int, c: int, h: int, w: int, kh: int, kw: int, stri
     rows = n * ho * wo
 
     @T.prim_func(s_tir=True)
-    def pack(A: T.Buffer((n, c, h, w), "uint8"), P: T.Buffer((bits, rows, words), "uint64")):
+    def pack(A: T.Buffer((n, c, h, w), dtype), P: T.Buffer((bits, rows, words), "uint64")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         for r in T.parallel(rows):
             for b, wd in T.grid(bits, words):
@@ -221,8 +234,8 @@ def bitpack_im2col_kernel(n: int, c: int, h: int, w: int, kh: int, kw: int, stri
                         if kk < k and 0 <= y and y < h and 0 <= x and x < w:
                             P[b, r, wd] = P[b, r, wd] | T.shift_left(
                                 T.Cast("uint64", T.bitwise_and(T.shift_right(
-                                    A[r // (ho * wo), ci, y, x], T.Cast("uint8", b)),
-                                    T.uint8(1))),
+                                    A[r // (ho * wo), ci, y, x], T.Cast(dtype, b + bit_offset)),
+                                    T.Cast(dtype, 1))),
                                 T.Cast("uint64", t))
 
     return tvm.IRModule({"main": pack})
@@ -236,15 +249,19 @@ def _msb_mask32(vec):
 
 
 def bitpack_conv_nhwc_kernel(n: int, h: int, w: int, c: int, kh: int, kw: int, stride: int,
-                             pad: tuple[int, int, int, int], bits: int) -> tvm.IRModule:
+                             pad: tuple[int, int, int, int], bits: int, dtype: str = "uint8",
+                             bit_offset: int = 0) -> tvm.IRModule:
     """Bit-serial conv2d's input side on x86 (AVX2): NHWC u8 codes -> packed patch planes.
 
     ``c`` must be a multiple of 64. The reduction index runs ``k = (i, j, ci)`` (kernel row,
     column, channel), so each 64-bit word is 64 consecutive channels of one input pixel:
     one 64-byte load, a shift that puts bit ``b`` of every byte in its top bit, and two
     ``vpmovmskb`` make the word (instead of 64 scalar gathers). Pixels outside the image
-    give zero words. The weights go with :func:`pack_conv_weight_nhwc`.
+    give zero words. The weights go with :func:`pack_conv_weight_nhwc`. ``dtype`` and
+    ``bit_offset`` as in :func:`bitpack_kernel`.
     """
+    _check_bits(dtype, bits, bit_offset)
+    vec = f"{dtype}x32"
     if c % WORD:
         raise ValueError(f"channels must be a multiple of {WORD} (pad them), got {c}")
     top, left, _, _ = pad
@@ -255,7 +272,7 @@ def bitpack_conv_nhwc_kernel(n: int, h: int, w: int, c: int, kh: int, kw: int, s
     rows = n * ho * wo
 
     @T.prim_func(s_tir=True)
-    def pack(A: T.Buffer((n, h, w, c), "uint8"), P: T.Buffer((bits, rows, words), "uint64")):
+    def pack(A: T.Buffer((n, h, w, c), dtype), P: T.Buffer((bits, rows, words), "uint64")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         for r in T.parallel(rows):
             for b, wd in T.grid(bits, words):
@@ -268,11 +285,11 @@ def bitpack_conv_nhwc_kernel(n: int, h: int, w: int, c: int, kh: int, kw: int, s
                     y: T.let = r % (ho * wo) // wo * stride + i - top
                     x: T.let = r % wo * stride + j - left
                     if wd < k_words and 0 <= y and y < h and 0 <= x and x < w:
-                        up: T.let = T.broadcast(T.Cast("uint8", 7 - b), 32)
+                        up: T.let = T.broadcast(T.Cast(dtype, 7 - b - bit_offset), 32)
                         P[b, r, wd] = _msb_mask32(T.shift_left(
-                            A.vload([r // (ho * wo), y, x, c0], "uint8x32"), up)) | \
+                            A.vload([r // (ho * wo), y, x, c0], vec), up)) | \
                             T.shift_left(_msb_mask32(T.shift_left(
-                                A.vload([r // (ho * wo), y, x, c0 + 32], "uint8x32"), up)),
+                                A.vload([r // (ho * wo), y, x, c0 + 32], vec), up)),
                                 T.uint64(32))
                     else:
                         P[b, r, wd] = T.uint64(0)

@@ -16,6 +16,12 @@ Rules, first match wins:
   portable :func:`bitpack_im2col_kernel`), the weights once at compile time, and the product
   is a popcount dense (:func:`bitserial_dense`, unipolar activations x two's-complement
   weights).
+- **binary activations** (``QuantSpec.binary()``: int8 codes -1/+1 made by ``where(y >= 0,
+  1, -1)``) with binary weights (-1/+1) or ternary weights (-1/0/+1), matmul and conv2d: the
+  packing takes the codes' sign bits and the popcount dense runs XNOR-Net's ``xnor`` mode
+  (one plane pair) or the ``ternary`` mode (two). A convolution's zero padding (a real 0,
+  neither -1 nor +1) is packed as +1 and corrected by a compile-time constant per output
+  pixel and channel (the weights those padded taps met).
 - **sub-byte GEMV** (weights of 2 or 4 bits, at most :data:`MAX_GEMV_ROWS` rows, VNNI
   targets): the weights packed two or four per byte (:func:`pack_subbyte`), unpacked in
   registers; the memory-bound batch-1 shapes where fewer weight bytes are less time.
@@ -40,6 +46,7 @@ from .bitserial_dense import (
     bitpack_im2col_kernel,
     bitpack_kernel,
     bitserial_dense,
+    conv_output_size,
     pack_conv_weight_nhwc,
     padded_words,
 )
@@ -58,6 +65,41 @@ def signed_bits(w: np.ndarray) -> int:
     while not (-(1 << (bits - 1)) <= lo and hi <= (1 << (bits - 1)) - 1):
         bits += 1
     return bits
+
+
+def sign_mode(w: np.ndarray) -> str | None:
+    """``"xnor"`` for weights in {-1, +1}, ``"ternary"`` in {-1, 0, +1}, else None."""
+    values = set(np.unique(w).tolist())
+    if values <= {-1, 1}:
+        return "xnor"
+    if values <= {-1, 0, 1}:
+        return "ternary"
+    return None
+
+
+def sign_planes(w: np.ndarray, mode: str, pack=bitpack) -> np.ndarray:
+    """Weight planes of the ``xnor`` (negative) or ``ternary`` (nonzero, negative) modes;
+    ``pack`` lays one 0/1 plane out (:func:`bitpack` on ``[N, K]`` rows, or
+    :func:`pack_conv_weight_nhwc` on OIHW weights)."""
+    negative = pack((w < 0).astype(np.int64), 1)
+    if mode == "xnor":
+        return negative
+    return np.concatenate([pack((w != 0).astype(np.int64), 1), negative])
+
+
+def padding_correction(w: np.ndarray, h: int, wd: int, stride: int,
+                       pad: tuple[int, int, int, int]) -> np.ndarray:
+    """``[Ho, Wo, O]``: minus the weights that the taps falling into a conv2d's zero padding
+    meet at each output pixel. The sign packing reads padding as +1 (a zero bit); the true
+    padding value is 0, so ``out + correction`` is the exact convolution."""
+    _, _, kh, kw = w.shape
+    top, left, _, _ = pad
+    ho, wo = conv_output_size(h, wd, kh, kw, stride, pad)
+    ys = np.arange(ho)[:, None] * stride + np.arange(kh)[None, :] - top  # [Ho, kh]
+    xs = np.arange(wo)[:, None] * stride + np.arange(kw)[None, :] - left  # [Wo, kw]
+    outside = ((ys < 0) | (ys >= h))[:, None, :, None] | ((xs < 0) | (xs >= wd))[None, :, None, :]
+    tap_sums = w.astype(np.int64).sum(axis=1)  # [O, kh, kw]
+    return -np.einsum("yxij,oij->yxo", outside.astype(np.int64), tap_sums).astype(np.int32)
 
 
 def _kernel_func(mod: tvm.IRModule, name: str) -> tvm.tirx.PrimFunc:
@@ -97,31 +139,41 @@ class _SubByteDispatcher(relax.PyExprMutator):
             return 8
         return max(1, int(hi.value).bit_length())
 
+    def _binary_codes(self, data) -> bool:
+        """Whether ``data`` is binary codes ``where(cond, 1, -1)`` (int8)."""
+        v = self.value.get(data)
+        return isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and \
+            v.op.name == "relax.where" and \
+            [const_value(a).item() if isinstance(a, Constant) else None
+             for a in v.args[1:]] == [1, -1]
+
     def _rows(self, data):
         shape = static_shape(data)
         if shape is None or len(shape) < 2:
             return None
         return int(np.prod(shape[:-1])), shape[-1]
 
-    def _bitserial(self, call, w, abits, wbits):
+    def _bitserial(self, call, w, abits, wbits, mode="unipolar"):
         data = self.visit_expr(call.args[0])
         rows, k = self._rows(call.args[0])
         n = w.shape[1]
         bb = self.builder_
         flat = bb.emit(relax.op.reshape(data, (rows, k)))
-        pack = self._kernel(("bitpack", rows, k, abits),
-                            lambda: bitpack_kernel(rows, k, abits))
+        dtype, offset = ("uint8", 0) if mode == "unipolar" else ("int8", 7)
+        pack = self._kernel(("bitpack", rows, k, abits, dtype),
+                            lambda: bitpack_kernel(rows, k, abits, dtype, offset))
         planes = bb.emit(relax.call_tir(pack, [flat], relax.TensorType(
-            (abits, rows, bitpack(np.zeros((1, k)), 1).shape[-1]), "uint64")))
-        dense = self._kernel(("bitserial", rows, n, k, abits, wbits),
-                             lambda: bitserial_dense(rows, n, k, mode="unipolar", abits=abits,
+            (abits, rows, padded_words(k)), "uint64")))
+        dense = self._kernel(("bitserial", rows, n, k, abits, wbits, mode),
+                             lambda: bitserial_dense(rows, n, k, mode=mode, abits=abits,
                                                      wbits=wbits))
-        wplanes = relax.const(bitpack(w.T.astype(np.int64), wbits), "uint64")
+        wplanes = relax.const(bitpack(w.T.astype(np.int64), wbits) if mode == "unipolar"
+                              else sign_planes(w.T, mode), "uint64")
         out = bb.emit(relax.call_tir(dense, [planes, wplanes],
                                      relax.TensorType((rows, n), "int32")))
         return relax.op.reshape(out, static_shape(call))
 
-    def _bitserial_conv(self, call, w, abits, wbits):
+    def _bitserial_conv(self, call, w, abits, wbits, mode="unipolar"):
         """im2col fused with the bit packing, then the popcount dense over output pixels."""
         attrs = call.attrs
         if int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW" or \
@@ -137,30 +189,40 @@ class _SubByteDispatcher(relax.PyExprMutator):
         _, _, ho, wo = static_shape(call)
         rows, k = n * ho * wo, c * kh * kw
         bb = self.builder_
+        dtype, offset = ("uint8", 0) if mode == "unipolar" else ("int8", 7)
+        correction = None if mode == "unipolar" else padding_correction(w, h, wd, stride, pad)
         if self.avx2:  # NHWC, channels padded to 64: one word per pixel and 64 channels
             cp = -(-c // WORD) * WORD
             data = bb.emit(relax.op.permute_dims(data, [0, 2, 3, 1]))
             if cp != c:
                 data = bb.emit(relax.op.nn.pad(data, [0, 0, 0, 0, 0, 0, 0, cp - c],
                                                pad_value=0.0))
+            if mode == "xnor":  # the padded channels pack as +1 against +1
+                correction -= (cp - c) * kh * kw
             k = kh * kw * cp
-            pack = self._kernel(("bitpack_nhwc", n, h, wd, cp, kh, kw, stride, pad, abits),
+            pack = self._kernel(("bitpack_nhwc", n, h, wd, cp, kh, kw, stride, pad, abits,
+                                 dtype),
                                 lambda: bitpack_conv_nhwc_kernel(n, h, wd, cp, kh, kw, stride,
-                                                                 pad, abits))
-            wplanes = relax.const(pack_conv_weight_nhwc(w, wbits), "uint64")
+                                                                 pad, abits, dtype, offset))
+            wplanes = pack_conv_weight_nhwc(w, wbits) if mode == "unipolar" else \
+                sign_planes(w, mode, pack_conv_weight_nhwc)
         else:
-            pack = self._kernel(("bitpack_im2col", n, c, h, wd, kh, kw, stride, pad, abits),
+            pack = self._kernel(("bitpack_im2col", n, c, h, wd, kh, kw, stride, pad, abits,
+                                 dtype),
                                 lambda: bitpack_im2col_kernel(n, c, h, wd, kh, kw, stride, pad,
-                                                              abits))
-            wplanes = relax.const(bitpack(w.reshape(o, k).astype(np.int64), wbits), "uint64")
+                                                              abits, dtype, offset))
+            wplanes = bitpack(w.reshape(o, k).astype(np.int64), wbits) if mode == "unipolar" \
+                else sign_planes(w.reshape(o, k), mode)
         planes = bb.emit(relax.call_tir(pack, [data], relax.TensorType(
             (abits, rows, padded_words(k)), "uint64")))
-        dense = self._kernel(("bitserial", rows, o, k, abits, wbits),
-                             lambda: bitserial_dense(rows, o, k, mode="unipolar", abits=abits,
+        dense = self._kernel(("bitserial", rows, o, k, abits, wbits, mode),
+                             lambda: bitserial_dense(rows, o, k, mode=mode, abits=abits,
                                                      wbits=wbits))
-        out = bb.emit(relax.call_tir(dense, [planes, wplanes],
+        out = bb.emit(relax.call_tir(dense, [planes, relax.const(wplanes, "uint64")],
                                      relax.TensorType((rows, o), "int32")))
         out = bb.emit(relax.op.reshape(out, (n, ho, wo, o)))
+        if correction is not None and correction.any():
+            out = bb.emit(relax.op.add(out, relax.const(correction[None], "int32")))
         return relax.op.permute_dims(out, [0, 3, 1, 2])
 
     def _gemv(self, call, w, wbits):
@@ -183,24 +245,40 @@ class _SubByteDispatcher(relax.PyExprMutator):
             out = bb.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n]))
         return relax.op.reshape(out, static_shape(call))
 
+    def _binary_conv(self, call, w):
+        mode = sign_mode(w) if self._binary_codes(call.args[0]) else None
+        if mode is None:
+            return None
+        new = self._bitserial_conv(call, w, 1, 1 if mode == "xnor" else 2, mode)
+        if new is not None:
+            self.picked.append(f"{mode} conv")
+        return new
+
     def visit_var_binding_(self, binding):
         call = binding.value
         if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and \
                 call.op.name == "relax.nn.conv2d" and str(call.attrs.out_dtype) == "int32" and \
-                dtype_of(call.args[0]) == "uint8" and isinstance(call.args[1], Constant) and \
+                dtype_of(call.args[0]) in ("uint8", "int8") and \
+                isinstance(call.args[1], Constant) and \
                 isinstance(call.args[0], relax.Var) and static_shape(call.args[0]) is not None:
             w = const_value(call.args[1])
-            abits = self._activation_bits(call.args[0])
-            wbits = signed_bits(w) if w.dtype == np.int8 else 8
-            if abits <= MAX_BITSERIAL_BITS and wbits <= MAX_BITSERIAL_BITS:
-                new = self._bitserial_conv(call, w, abits, wbits)
-                if new is not None:
-                    self.picked.append(f"bitserial conv a{abits}w{wbits}")
-                    self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, new))
-                    return
+            if dtype_of(call.args[0]) == "int8":
+                new = self._binary_conv(call, w)
+            else:
+                new = None
+                abits = self._activation_bits(call.args[0])
+                wbits = signed_bits(w) if w.dtype == np.int8 else 8
+                if abits <= MAX_BITSERIAL_BITS and wbits <= MAX_BITSERIAL_BITS:
+                    new = self._bitserial_conv(call, w, abits, wbits)
+                    if new is not None:
+                        self.picked.append(f"bitserial conv a{abits}w{wbits}")
+            if new is not None:
+                self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, new))
+                return
         if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and \
                 call.op.name == "relax.matmul" and str(call.attrs.out_dtype) == "int32" and \
-                dtype_of(call.args[0]) == "uint8" and isinstance(call.args[1], Constant) and \
+                dtype_of(call.args[0]) in ("uint8", "int8") and \
+                isinstance(call.args[1], Constant) and \
                 isinstance(call.args[0], relax.Var) and self._rows(call.args[0]) is not None:
             w = const_value(call.args[1])
             if w.dtype == np.int8 and w.ndim == 2:
@@ -211,6 +289,12 @@ class _SubByteDispatcher(relax.PyExprMutator):
         super().visit_var_binding_(binding)
 
     def _pick(self, call, w):
+        if dtype_of(call.args[0]) == "int8":
+            mode = sign_mode(w) if self._binary_codes(call.args[0]) else None
+            if mode is None:
+                return None
+            self.picked.append(f"{mode} dense")
+            return self._bitserial(call, w, 1, 1 if mode == "xnor" else 2, mode)
         wbits = signed_bits(w)
         abits = self._activation_bits(call.args[0])
         rows, _ = self._rows(call.args[0])
@@ -255,4 +339,5 @@ class DispatchSubByte:
         return relax.transform.DeadCodeElimination()(new_mod)
 
 
-__all__ = ["DispatchSubByte", "signed_bits"]
+__all__ = ["DispatchSubByte", "padding_correction", "sign_mode", "sign_planes",
+           "signed_bits"]

@@ -27,7 +27,7 @@ from tvmquant.calibration.observers import (
 from tvmquant.numerics import compute_qparams, dequantize, quantize
 from tvmquant.spec import QuantSpec
 
-BUILTIN = ("minmax", "moving_average", "percentile", "entropy", "mse")
+BUILTIN = ("minmax", "moving_average", "percentile", "entropy", "mse", "meanabs")
 INT8 = QuantSpec()
 INT8_ASYM = QuantSpec(symmetric=False)
 INT4 = QuantSpec(bits=4)
@@ -349,6 +349,25 @@ def test_mse_per_channel_equals_per_tensor_runs():
     for c in range(2):
         lo_c, hi_c = observe_range("mse", INT4, w[:, c])
         assert lo[c] == lo_c and hi[c] == hi_c
+
+
+# --- mean magnitude (binary activations) ----------------------------------------------------
+def test_meanabs_over_batches_and_channels():
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(0, 2, (4, 3, 5)) for _ in range(3)]
+    binary = QuantSpec.binary()
+    lo, hi = observe_range("meanabs", binary, np.concatenate(xs))
+    obs = make_observer("meanabs", binary)
+    for x in xs:
+        obs.observe(x)
+    np.testing.assert_allclose(obs.range(), (lo, hi), rtol=1e-12)
+    np.testing.assert_allclose(hi, np.abs(np.concatenate(xs)).mean())
+    np.testing.assert_allclose(lo, -hi)
+    _, hi_c = observe_range("meanabs", binary, xs[0], axis=1)
+    np.testing.assert_allclose(hi_c, np.abs(xs[0]).mean(axis=(0, 2)))
+    scale, zp = compute_qparams(binary, lo, hi)  # the binary grid's scale is the magnitude
+    np.testing.assert_allclose(scale, hi, rtol=1e-6)
+    assert zp == 0
 
 
 # --- registry -------------------------------------------------------------------------------

@@ -35,6 +35,10 @@ def _before():
 def _act_qdq(bb, x, lo, hi, spec):
     scale, zp = compute_qparams(spec, lo, hi)
     s, z = relax.const(np.float32(scale), "float32"), relax.const(np.int32(zp), "int32")
+    if spec.is_binary:
+        sign = bb.emit(relax.op.greater_equal(x, relax.const(0.0, "float32")))
+        q = bb.emit(relax.op.where(sign, relax.const(1, "int8"), relax.const(-1, "int8")))
+        return bb.emit(relax.op.dequantize(q, s, z, axis=-1, out_dtype="float32"))
     q = bb.emit(relax.op.quantize(x, s, z, axis=-1, out_dtype=spec.storage_dtype))
     if spec.bits < 8:
         q = bb.emit(relax.op.clip(q, spec.qmin, spec.qmax))
@@ -84,6 +88,31 @@ def test_structure_four_bit_activations_get_a_clamp():
                          activation=QuantSpec(bits=4, signed=False, symmetric=False))
     after = run_pass(InsertFakeQuant(config, RANGES), _before())
     tvm.ir.assert_structural_equal(after, _expected(config))
+
+
+def test_structure_binary_weights_and_activations():
+    """XNOR-Net: activation codes are signs, ``where(x >= 0, 1, -1)``, scaled by the
+    calibrated mean magnitude; weights are sign codes with per-channel ``mean |W|``."""
+    config = QuantConfig(weight=QuantSpec.binary(granularity="per_channel"),
+                         activation=QuantSpec.binary())
+    after = run_pass(InsertFakeQuant(config, RANGES), _before())
+    tvm.ir.assert_structural_equal(after, _expected(config))
+    q, scale, zp, axis = quantize_weight(W0, config.weight, "conv2d")
+    assert axis == 0 and set(np.unique(q)) <= {-1, 1} and not zp.any()
+    np.testing.assert_allclose(scale, np.abs(W0).mean(axis=(1, 2, 3)), rtol=1e-6)
+
+
+def test_ternary_weights_use_the_twn_threshold():
+    """TWN: zero below 0.7 mean |W| per channel, the scale is the mean |W| above it."""
+    w = RNG.normal(0, 1, (6, 8, 3, 3)).astype("float32")
+    q, scale, _, _ = quantize_weight(w, QuantSpec.ternary(), "conv2d")
+    for c in range(6):
+        a = np.abs(w[c])
+        keep = a > 0.7 * a.mean()
+        np.testing.assert_array_equal(q[c], np.sign(w[c]) * keep)
+        np.testing.assert_allclose(scale[c], a[keep].mean(), rtol=1e-6)
+    with pytest.raises(ValueError, match="per tensor or per channel"):
+        quantize_weight(w, QuantSpec.binary(granularity="per_group", group_size=8), "conv2d")
 
 
 def test_per_group_weights_are_scaled_codes():

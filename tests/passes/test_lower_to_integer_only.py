@@ -235,3 +235,53 @@ def test_per_group_numerics_match_fake_quant():
         got, ref = run_module(after, x).astype(int), run_module(mod, x).astype(int)
         assert np.max(np.abs(got - ref)) <= 1, np.max(np.abs(got - ref))
         assert np.mean(got != ref) < 0.05
+
+
+def test_binary_codes_are_the_sign_of_the_accumulator():
+    """``QuantSpec.binary()`` activations: ``where(conv + bias >= 0, 1, -1)`` becomes the sign
+    of the int32 accumulator plus the integer bias, with no requantization."""
+    rng = np.random.default_rng(0)
+    wq = np.where(rng.random((4, 4, 3, 3)) < 0.5, -1, 1).astype("int8")
+    ws = rng.uniform(0.5, 1.0, 4).astype("float32")
+    bias = rng.normal(0, 2.0, (1, 4, 1, 1)).astype("float32")
+    sx = 0.1
+
+    def before(bb, x):
+        xd = bb.emit(relax.op.dequantize(x, _c(sx, "float32"), _c(0, "int32")))
+        wd = bb.emit(relax.op.dequantize(relax.const(wq, "int8"), relax.const(ws, "float32"),
+                                         _c(np.zeros(4), "int32"), axis=0))
+        c = bb.emit(relax.op.nn.conv2d(xd, wd, padding=1))
+        a = bb.emit(relax.op.add(c, relax.const(bias)))
+        sign = bb.emit(relax.op.greater_equal(a, _c(0.0, "float32")))
+        return relax.op.where(sign, _c(1, "int8"), _c(-1, "int8"))
+
+    def expected(bb, x):
+        acc_scale = np.float32(sx) * ws.astype(np.float64)
+        acc = bb.emit(relax.op.nn.conv2d(x, relax.const(wq, "int8"), padding=1,
+                                         out_dtype="int32"))
+        bq = np.round(bias.reshape(-1) / acc_scale).astype("int32").reshape(1, 4, 1, 1)
+        acc = bb.emit(relax.op.add(acc, relax.const(bq, "int32")))
+        sign = bb.emit(relax.op.greater_equal(acc, _c(0, "int32")))
+        return relax.op.where(sign, _c(1, "int8"), _c(-1, "int8"))
+
+    before_mod = _qdq_function(before, "int8")
+    after = run_pass(LowerToIntegerOnly(), before_mod)
+    tvm.ir.assert_structural_equal(after, _with_attrs(_qdq_function(expected, "int8")))
+    # numerically: the signs of the float (fake-quant) computation, fresh inputs; a sign may
+    # only differ where the float value is within half an accumulator step of 0
+    x = np.random.default_rng().integers(-128, 128, (1, 4, 6, 6)).astype("int8")
+    got, ref = run_module(after, x), run_module(before_mod, x)
+    assert set(np.unique(got)) <= {-1, 1}
+    assert np.mean(got != ref) < 0.01
+
+
+def test_binary_codes_of_a_tensor_without_integer_rule_are_reported():
+    def before(bb, x):
+        d = bb.emit(relax.op.dequantize(x, _c(0.1, "float32"), _c(0, "int32")))
+        s = bb.emit(relax.op.nn.softmax(d))
+        sign = bb.emit(relax.op.greater_equal(s, _c(0.0, "float32")))
+        return relax.op.where(sign, _c(1, "int8"), _c(-1, "int8"))
+
+    after = run_pass(LowerToIntegerOnly(), _qdq_function(before, shape=(1, 10)))
+    fallbacks = [str(s) for s in after["main"].attrs[FALLBACK_ATTR]]
+    assert len(fallbacks) == 1 and "binary codes" in fallbacks[0]

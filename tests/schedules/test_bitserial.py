@@ -90,6 +90,22 @@ def test_bitserial_dense_exact(mode, abits, wbits, mnk):
     np.testing.assert_array_equal(c.numpy(), bs.reference(a, w))
 
 
+@pytest.mark.parametrize("mode,abits,wbits,mnk", CASES[:4],
+                         ids=[f"{c[0]}-a{c[1]}w{c[2]}" for c in CASES[:4]])
+def test_bitserial_dense_avx2_fallback_exact(mode, abits, wbits, mnk):
+    """The AVX2 build (no vector popcount instruction: LLVM expands it) is exact too, and is
+    the fallback indeed (no ``vpopcntq`` in its code)."""
+    if "avx2" not in _flags():
+        pytest.skip("this CPU has no AVX2 (avx2 not in /proc/cpuinfo)")
+    m, n, k = mnk
+    a, w, ap, wp = _operands(np.random.default_rng(), mode, m, n, k, abits, wbits)
+    ex = tvm.compile(bs.bitserial_dense(m, n, k, mode=mode, abits=abits, wbits=wbits), AVX2)
+    assert "vpopcntq" not in ex.mod.inspect_source("asm")
+    c = tvm.runtime.tensor(np.zeros((m, n), np.int32))
+    ex.mod["main"](tvm.runtime.tensor(ap), tvm.runtime.tensor(wp), c)
+    np.testing.assert_array_equal(c.numpy(), bs.reference(a, w))
+
+
 @pytest.mark.parametrize("target,instruction", [(AVX512, "vpopcntq"), (ARM, "cnt")],
                          ids=["x86-vpopcntdq", "arm-neon"])
 def test_popcount_instruction_in_generated_code(target, instruction):

@@ -19,7 +19,13 @@ from tvmquant.schedules.x86.bitserial_dense import (
     pack_conv_weight_nhwc,
     padded_words,
 )
-from tvmquant.schedules.x86.dispatch_subbyte import DispatchSubByte, signed_bits
+from tvmquant.schedules.x86.dispatch_subbyte import (
+    DispatchSubByte,
+    padding_correction,
+    sign_mode,
+    sign_planes,
+    signed_bits,
+)
 
 import tvmquant
 from tvmquant.config import LayerOverride, get_preset
@@ -229,3 +235,132 @@ def test_bitserial_conv_exact(shape, packing):
             ref += np.einsum("nchw,oc->nohw", patch, wt[:, :, i, j].astype(np.int64))
     np.testing.assert_array_equal(out.numpy().reshape(n, ho, wo, o).transpose(0, 3, 1, 2),
                                   ref)
+
+
+def _binary_config():
+    """conv2d_0 and matmul_2 stay int8; conv2d_1 and matmul_0 write binary activations;
+    conv2d_2 (binary weights, BatchNorm folded) reads and writes them; conv2d_3 has ternary
+    (TWN) weights and matmul_1 binary weights."""
+    binary = QuantSpec.binary()
+    binary_w = QuantSpec.binary(granularity="per_channel")
+    return get_preset("int8").with_overrides(
+        LayerOverride("conv2d_1", activation=binary),
+        LayerOverride("conv2d_2", weight=binary_w, activation=binary),
+        LayerOverride("conv2d_3", weight=QuantSpec.ternary()),
+        LayerOverride("matmul_0", activation=binary),
+        LayerOverride("matmul_1", weight=binary_w),
+    )
+
+
+@pytest.mark.parametrize("packing", ["nhwc-avx2", "im2col"])
+def test_binary_network_runs_xnor_and_ternary_kernels(packing):
+    """XNOR-Net layers end to end: integer-only, the xnor / ternary popcount kernels picked
+    per layer, bit-exact with the same integer module on TVM's default kernels."""
+    from tvmquant.testing import binary_convnet, random_inputs
+
+    q = tvmquant.quantize(binary_convnet(), random_inputs(4), _binary_config(), progress=False)
+    assert list(q.mod["main"].attrs["tvmquant.float_fallbacks"]) == []
+    after = DispatchSubByte(avx2=packing == "nhwc-avx2")(q.mod)
+    relax.analysis.well_formed(after)
+    assert list(after["main"].attrs["tvmquant.subbyte_kernels"]) == \
+        ["xnor conv", "ternary conv", "xnor dense"]
+    if packing == "nhwc-avx2":
+        if not _cpu_has("avx2"):
+            pytest.skip("this CPU has no AVX2 (avx2 not in /proc/cpuinfo)")
+        target = "x86-avx2"
+    else:
+        target = {"kind": "llvm", "mcpu": "generic"}
+    fast = relax.VirtualMachine(tvmquant.build(q.mod, target), tvm.cpu())
+    plain = relax.VirtualMachine(tvmquant.build(q.mod, "llvm", kernels=False,
+                                                schedules=False), tvm.cpu())
+    for x in random_inputs(3, seed=np.random.default_rng().integers(1 << 30)):
+        x = tvm.runtime.tensor(x["x"])
+        np.testing.assert_allclose(fast["main"](x).numpy(), plain["main"](x).numpy(),
+                                   rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("packing", ["nhwc-avx2", "im2col"])
+@pytest.mark.parametrize("mode", ["xnor", "ternary"])
+@pytest.mark.parametrize("shape", [(1, 5, 7, 9, 6, 3, 3, 1, (1, 1, 1, 1)),
+                                   (2, 70, 8, 8, 4, 3, 3, 2, (1, 0, 1, 0)),
+                                   (1, 64, 6, 6, 32, 1, 1, 1, (0, 0, 0, 0))])
+def test_sign_conv_exact(shape, mode, packing):
+    """Binary -1/+1 codes (int8, sign bit packed) against binary or ternary weights, plus the
+    padding correction: equal to a NumPy convolution with zero padding, fresh inputs."""
+    n, c, h, w, o, kh, kw, s, pad = shape
+    rng = np.random.default_rng()
+    a = np.where(rng.random((n, c, h, w)) < 0.5, -1, 1).astype(np.int8)
+    wt = rng.integers(-1, 2, (o, c, kh, kw)) if mode == "ternary" else \
+        np.where(rng.random((o, c, kh, kw)) < 0.5, -1, 1)
+    wt = wt.astype(np.int8)
+    assert sign_mode(wt) == mode
+    ho, wo = (h + pad[0] + pad[2] - kh) // s + 1, (w + pad[1] + pad[3] - kw) // s + 1
+    correction = padding_correction(wt, h, w, s, pad)
+    if packing == "nhwc-avx2":
+        if not _cpu_has("avx2"):
+            pytest.skip("this CPU has no AVX2 (avx2 not in /proc/cpuinfo): vpmovmskb")
+        cp = -(-c // 64) * 64
+        data = np.zeros((n, h, w, cp), np.int8)
+        data[..., :c] = a.transpose(0, 2, 3, 1)
+        k = kh * kw * cp
+        pack = tvm.compile(bitpack_conv_nhwc_kernel(n, h, w, cp, kh, kw, s, pad, 1, "int8", 7),
+                           TARGET)
+        wplanes = sign_planes(wt, mode, pack_conv_weight_nhwc)
+        if mode == "xnor":
+            correction = correction - (cp - c) * kh * kw
+    else:
+        data, k = a, c * kh * kw
+        pack = tvm.compile(bitpack_im2col_kernel(n, c, h, w, kh, kw, s, pad, 1, "int8", 7),
+                           TARGET)
+        wplanes = sign_planes(wt.reshape(o, k), mode)
+    planes = tvm.runtime.tensor(np.zeros((1, n * ho * wo, padded_words(k)), np.uint64))
+    pack.mod["main"](tvm.runtime.tensor(data), planes)
+    dense = tvm.compile(bitserial_dense(n * ho * wo, o, k, mode=mode), TARGET)
+    out = tvm.runtime.tensor(np.zeros((n * ho * wo, o), np.int32))
+    dense.mod["main"](planes, tvm.runtime.tensor(wplanes), out)
+    got = out.numpy().reshape(n, ho, wo, o) + correction[None]
+    ap = np.pad(a.astype(np.int64), ((0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])))
+    ref = np.zeros((n, o, ho, wo), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = ap[:, :, i:i + s * ho:s, j:j + s * wo:s]
+            ref += np.einsum("nchw,oc->nohw", patch, wt[:, :, i, j].astype(np.int64))
+    np.testing.assert_array_equal(got.transpose(0, 3, 1, 2), ref)
+
+
+@pytest.mark.parametrize("mode", ["xnor", "ternary"])
+def test_sign_dense_exact(mode):
+    """The run-time sign packing of int8 -1/+1 rows and the popcount dense, against NumPy."""
+    rng = np.random.default_rng()
+    m, n, k = 3, 17, 700
+    a = np.where(rng.random((m, k)) < 0.5, -1, 1).astype(np.int8)
+    wt = rng.integers(-1, 2, (n, k)) if mode == "ternary" else \
+        np.where(rng.random((n, k)) < 0.5, -1, 1)
+    pack = tvm.compile(bitpack_kernel(m, k, 1, "int8", 7), TARGET)
+    planes = tvm.runtime.tensor(np.zeros((1, m, padded_words(k)), np.uint64))
+    pack.mod["main"](tvm.runtime.tensor(a), planes)
+    dense = tvm.compile(bitserial_dense(m, n, k, mode=mode), TARGET)
+    out = tvm.runtime.tensor(np.zeros((m, n), np.int32))
+    dense.mod["main"](planes, tvm.runtime.tensor(sign_planes(wt, mode)), out)
+    np.testing.assert_array_equal(out.numpy(), a.astype(np.int64) @ wt.T)
+
+
+def test_packing_rejects_bits_outside_the_byte():
+    with pytest.raises(ValueError, match=r"bits 7\.\.8"):
+        bitpack_kernel(4, 64, 2, "int8", 7)
+
+
+def test_binary_network_cross_compiles_for_arm_neon():
+    """Structure only (no run): on AArch64 the binary layers take the portable packing and
+    the popcount is NEON's ``cnt``."""
+    from tvmquant.testing import binary_convnet, random_inputs
+
+    arm = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    q = tvmquant.quantize(binary_convnet(), random_inputs(4), _binary_config(), progress=False)
+    lowered = tvmquant.schedules.pipeline.build_pipeline(tvmquant.resolve_target(arm))(q.mod)
+    kernels = [gv.name_hint for gv in lowered.functions]
+    assert any("bitpack_im2col" in k for k in kernels), kernels
+    assert not any("bitpack_nhwc" in k for k in kernels), kernels
+    ex = tvmquant.build(q.mod, arm)
+    asm = "".join(m.inspect_source("asm") for m in ex.mod.imports)
+    assert "\tcnt\t" in asm

@@ -18,6 +18,9 @@ Registered observers (see :data:`OBSERVERS`):
     TensorRT-style KL-divergence calibration on the histogram of ``|x|``.
 ``"mse"``
     The clipping range that minimizes the mean squared quantization error on the spec's grid.
+``"meanabs"``
+    ``(-m, m)`` with ``m = mean |x|``: the scale of binary (``QuantSpec.binary()``)
+    activations, XNOR-Net's.
 
 Conventions shared by all built-in observers
 --------------------------------------------
@@ -60,6 +63,7 @@ __all__ = [
     "EntropyObserver",
     "HistogramObserver",
     "MSEObserver",
+    "MeanAbsObserver",
     "MinMaxObserver",
     "MovingAverageObserver",
     "Observer",
@@ -366,6 +370,28 @@ class MinMaxObserver(ObserverBase):
     def _compute_range(self) -> tuple[np.ndarray, np.ndarray]:
         assert self.min_val is not None and self.max_val is not None
         return self.min_val.copy(), self.max_val.copy()
+
+
+@register_observer("meanabs")
+class MeanAbsObserver(ObserverBase):
+    """``(-m, m)`` with ``m`` the mean of ``|x|`` over all observed values: XNOR-Net's
+    activation scale, for the binary grid (``QuantSpec.binary()``), whose codes are signs and
+    whose scale is a typical magnitude rather than a range end."""
+
+    def __init__(self, spec: QuantSpec, axis: int | None = None) -> None:
+        super().__init__(spec, axis)
+        self.abs_sum: np.ndarray | None = None
+        self.count = 0
+
+    def _update(self, x: np.ndarray, batch_min: np.ndarray, batch_max: np.ndarray) -> None:
+        s = np.abs(x).sum(axis=1)
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        self.count += x.shape[1]
+
+    def _compute_range(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.abs_sum is not None
+        m = self.abs_sum / max(self.count, 1)
+        return -m, m
 
 
 @register_observer("moving_average")
