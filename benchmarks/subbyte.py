@@ -15,7 +15,9 @@ Every kernel is first checked exact against NumPy on the inputs it is timed with
    its im2col matmul (3136 x 576 . 576 x 64; the im2col itself is not timed) and a fully
    connected 1x4096 . 4096x4096.
 3. A whole 3x3 convolution (64->64 channels, 56x56): bit-serial (packing im2col + popcount
-   dense) against tvmquant's int8 VNNI convolution and fp32 TVM.
+   dense; binary XNOR, binary x ternary, unipolar few-bit) against tvmquant's int8 VNNI
+   convolution, fp32 TVM (tvmquant's default schedule) and fp32 ONNX Runtime (MLAS, the
+   hand-tuned fp32 baseline).
 4. Weight bytes per precision.
 """
 
@@ -201,49 +203,96 @@ def bitserial_conv_rows(target, rng) -> list[str]:
     xf = tvm.runtime.tensor(rng.normal(0, 1, (n, c, h, w)).astype(np.float32))
     times["fp32"] = float(np.median(vm.time_evaluator("main", tvm.cpu(), number=3,
                                                        repeat=5)(xf).results)) * 1e6
-    for abits, wbits in ((1, 2), (2, 2)):
-        a = rng.integers(0, 1 << abits, (n, c, h, w)).astype(np.uint8)
-        wt = rng.integers(-(1 << (wbits - 1)), 1 << (wbits - 1), (o, c, k, k)).astype(np.int8)
+    times["fp32 ort"] = _ort_conv_us(w8.astype(np.float32), xf.numpy())
+    from tvmquant.schedules.x86.dispatch_subbyte import padding_correction, sign_planes
+
+    cases = [("a1w2 nhwc", "unipolar", 1, 2, "nhwc"), ("a1w2 im2col", "unipolar", 1, 2, "im2col"),
+             ("a2w2 nhwc", "unipolar", 2, 2, "nhwc"), ("xnor nhwc", "xnor", 1, 1, "nhwc"),
+             ("ternary nhwc", "ternary", 1, 2, "nhwc")]
+    for key, mode, abits, wbits, packing in cases:
+        if mode == "unipolar":
+            a = rng.integers(0, 1 << abits, (n, c, h, w)).astype(np.uint8)
+            wt = rng.integers(-(1 << (wbits - 1)), 1 << (wbits - 1), (o, c, k, k))
+            dtype, offset = "uint8", 0
+        else:  # binary -1/+1 activation codes (int8, sign bit packed)
+            a = np.where(rng.random((n, c, h, w)) < 0.5, -1, 1).astype(np.int8)
+            wt = rng.integers(-1, 2, (o, c, k, k)) if mode == "ternary" else \
+                np.where(rng.random((o, c, k, k)) < 0.5, -1, 1)
+            dtype, offset = "int8", 7
+        wt = wt.astype(np.int8)
         ap = np.pad(a.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
         ref = sum(np.einsum("nchw,oc->nohw", ap[:, :, i:i + h, j:j + w],
                             wt[:, :, i, j].astype(np.int64)) for i in range(k) for j in range(k))
-        for packing in ("nhwc", "im2col"):
-            if packing == "nhwc":  # AVX2 vpmovmskb, 64 channels of a pixel per word
-                data = np.ascontiguousarray(a.transpose(0, 2, 3, 1))
-                kk = red
-                pack = tvm.compile(bs.bitpack_conv_nhwc_kernel(n, h, w, c, k, k, 1,
-                                                               (1, 1, 1, 1), abits), target)
-                wp = tvm.runtime.tensor(bs.pack_conv_weight_nhwc(wt, wbits))
-            else:  # portable: bit-by-bit gather
-                data, kk = a, red
-                pack = tvm.compile(bs.bitpack_im2col_kernel(n, c, h, w, k, k, 1, (1, 1, 1, 1),
-                                                            abits), target)
-                wp = tvm.runtime.tensor(bs.bitpack(wt.reshape(o, red), wbits))
-            dense = tvm.compile(bs.bitserial_dense(rows_, o, kk, abits=abits, wbits=wbits),
-                                target)
-            planes = tvm.runtime.tensor(np.zeros((abits, rows_, bs.padded_words(kk)),
-                                                 np.uint64))
-            out = tvm.runtime.tensor(np.zeros((rows_, o), np.int32))
-            ta = tvm.runtime.tensor(data)
-            pack.mod["main"](ta, planes)
-            dense.mod["main"](planes, wp, out)
-            got = out.numpy().reshape(n, h, w, o).transpose(0, 3, 1, 2)
-            assert np.array_equal(got, ref), f"bit-serial conv a{abits}w{wbits} wrong"
-            tp = _best_us(pack.mod, [ta, planes], number=5)
-            td = _best_us(dense.mod, [planes, wp, out], number=5)
-            times[f"a{abits}w{wbits} {packing}"] = (tp, td)
-    rows = [f"| fp32 (TVM, tvmquant default schedule) | {times['fp32']:.0f} | - | 1.00x | "
-            f"{times['int8'] / times['fp32']:.2f}x |",
+        if packing == "nhwc":  # AVX2 vpmovmskb, 64 channels of a pixel per word
+            data = np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+            pack = tvm.compile(bs.bitpack_conv_nhwc_kernel(n, h, w, c, k, k, 1, (1, 1, 1, 1),
+                                                           abits, dtype, offset), target)
+            wp = bs.pack_conv_weight_nhwc(wt, wbits) if mode == "unipolar" else \
+                sign_planes(wt, mode, bs.pack_conv_weight_nhwc)
+        else:  # portable: bit-by-bit gather
+            data = a
+            pack = tvm.compile(bs.bitpack_im2col_kernel(n, c, h, w, k, k, 1, (1, 1, 1, 1),
+                                                        abits, dtype, offset), target)
+            wp = bs.bitpack(wt.reshape(o, red), wbits)
+        wp = tvm.runtime.tensor(wp)
+        dense = tvm.compile(bs.bitserial_dense(rows_, o, red, mode=mode, abits=abits,
+                                               wbits=wbits), target)
+        planes = tvm.runtime.tensor(np.zeros((abits, rows_, bs.padded_words(red)), np.uint64))
+        out = tvm.runtime.tensor(np.zeros((rows_, o), np.int32))
+        ta = tvm.runtime.tensor(data)
+        pack.mod["main"](ta, planes)
+        dense.mod["main"](planes, wp, out)
+        got = out.numpy().reshape(n, h, w, o)
+        if mode != "unipolar":  # the padding packed as +1: the graph adds this constant
+            got = got + padding_correction(wt, h, w, 1, (1, 1, 1, 1))[None]
+        assert np.array_equal(got.transpose(0, 3, 1, 2), ref), f"bit-serial conv {key} wrong"
+        tp = _best_us(pack.mod, [ta, planes], number=5)
+        td = _best_us(dense.mod, [planes, wp, out], number=5)
+        times[key] = (tp, td)
+    fp32 = times["fp32"]
+    rows = [f"| fp32 (TVM, tvmquant default schedule) | {fp32:.0f} | - | 1.00x | "
+            f"{fp32 / times['fp32 ort']:.2f}x | {times['int8'] / fp32:.2f}x |",
+            f"| fp32 (ONNX Runtime, MLAS) | {times['fp32 ort']:.0f} | - | "
+            f"{fp32 / times['fp32 ort']:.2f}x | 1.00x | {times['int8'] / times['fp32 ort']:.2f}x |",
             f"| int8 (tvmquant VNNI direct conv) | {times['int8']:.0f} | - | "
-            f"{times['fp32'] / times['int8']:.2f}x | 1.00x |"]
-    for key, title in (("a1w2 nhwc", "1-bit activations x ternary weights (NHWC packing)"),
-                       ("a1w2 im2col", "1-bit activations x ternary weights (portable "
+            f"{fp32 / times['int8']:.2f}x | {times['fp32 ort'] / times['int8']:.2f}x | 1.00x |"]
+    for key, title in (("xnor nhwc", "binary x binary, XNOR (NHWC packing)"),
+                       ("ternary nhwc", "binary activations x ternary weights (NHWC packing)"),
+                       ("a1w2 nhwc", "1-bit {0,1} activations x 2-bit weights (NHWC packing)"),
+                       ("a1w2 im2col", "1-bit {0,1} activations x 2-bit weights (portable "
                                        "packing)"),
                        ("a2w2 nhwc", "2-bit x 2-bit (NHWC packing)")):
         tp, td = times[key]
         rows.append(f"| {title}, bit-serial | {tp + td:.0f} | {tp:.0f} | "
-                    f"{times['fp32'] / (tp + td):.2f}x | {times['int8'] / (tp + td):.2f}x |")
+                    f"{fp32 / (tp + td):.2f}x | {times['fp32 ort'] / (tp + td):.2f}x | "
+                    f"{times['int8'] / (tp + td):.2f}x |")
     return rows
+
+
+def _ort_conv_us(wf: np.ndarray, x: np.ndarray) -> float:
+    """The same convolution in ONNX Runtime fp32 (MLAS), on this process's threads."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(wf, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(os.environ.get("TVM_NUM_THREADS", "2"))
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    feed = {"x": x}
+    sess.run(None, feed)
+    samples = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            sess.run(None, feed)
+        samples.append((time.perf_counter() - t0) / 5)
+    return float(np.median(samples)) * 1e6
 
 
 def main(argv=None) -> int:
@@ -289,9 +338,14 @@ def main(argv=None) -> int:
         "`vpmovmskb`; portable: `bitpack_im2col_kernel`, bit by bit) plus the popcount "
         "dense; int8: the VNNI direct convolution on a pre-padded input.",
         "",
-        "| kernel | us | of which packing | vs fp32 TVM | vs int8 |",
-        "|---|---:|---:|---:|---:|",
+        "| kernel | us | of which packing | vs fp32 TVM | vs fp32 ORT | vs int8 |",
+        "|---|---:|---:|---:|---:|---:|",
         *bitserial_conv_rows(target, rng),
+        "",
+        "Binary rows: activations are -1/+1 codes (`QuantSpec.binary()`), the packing takes "
+        "their sign bits, and the zero padding is corrected afterwards by a constant (not "
+        "timed: one add that FuseOps folds into the next op). `{0,1}` rows: unipolar "
+        "activations (`QuantSpec(bits=1, signed=False)`) as in the bit-serial formulation.",
         "",
         "Weight bytes for 4096x4096: fp32 64 MiB, int8 16 MiB, int4 8 MiB, int2 4 MiB, "
         "ternary 4 MiB (two bit planes), binary 2 MiB.",

@@ -31,6 +31,7 @@ from tvm.script import tirx as T
 WORD = 64
 CHUNK = 8  # words per vector load: 512 bits
 MODES = ("unipolar", "xnor", "ternary")
+MAX_UNROLLED_CHUNKS = 16  # up to 8192 bits per row: one expression, no accumulator buffer
 
 
 def padded_words(k: int) -> int:
@@ -127,27 +128,56 @@ def bitserial_dense(m: int, n: int, k: int, *, mode: str = "unipolar", abits: in
     base = k if mode == "xnor" else 0
     wplanes = wbits
 
+    def hsum(vec):
+        """The 8 int64 lanes of ``vec`` summed (``llvm.vector.reduce.add``)."""
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.vector.reduce.add"),
+                                       vec, dtype="int64")
+
+    if chunks <= MAX_UNROLLED_CHUNKS:
+        # The whole row as one expression: no accumulator buffer (a local buffer inside the
+        # parallel loop is a workspace allocation per output), a balanced sum for LLVM.
+        def row_sum(a_buf, w_buf, r, col):
+            parts = [chunk_sum(a_buf, w_buf, r, col, c) for c in range(chunks)]
+            while len(parts) > 1:
+                parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i]
+                         for i in range(0, len(parts), 2)]
+            return parts[0]
+
+        @T.prim_func(s_tir=True)
+        def dense(
+            A: T.Buffer((abits, m, words), "uint64"),
+            W: T.Buffer((wplanes, n, words), "uint64"),
+            C: T.Buffer((m, n), "int32"),
+        ):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            for col in T.parallel(n):
+                for r in range(m):
+                    with T.sblock("row"):
+                        T.reads(A[0:abits, r, 0:words], W[0:wplanes, col, 0:words])
+                        T.writes(C[r, col])
+                        C[r, col] = T.int32(base) + T.Cast("int32", hsum(row_sum(A, W, r, col)))
+
+        return tvm.IRModule({"main": dense})
+
     @T.prim_func(s_tir=True)
-    def dense(
+    def dense_long(
         A: T.Buffer((abits, m, words), "uint64"),
         W: T.Buffer((wplanes, n, words), "uint64"),
         C: T.Buffer((m, n), "int32"),
     ):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         for col in T.parallel(n):
-            for r in range(m):
-                with T.sblock("row"):
-                    T.reads(A[0:abits, r, 0:words], W[0:wplanes, col, 0:words])
-                    T.writes(C[r, col])
-                    acc = T.sblock_alloc_buffer((8,), "int64", scope="local")
+            with T.sblock("col"):
+                T.reads(A[0:abits, 0:m, 0:words], W[0:wplanes, col, 0:words])
+                T.writes(C[0:m, col])
+                acc = T.sblock_alloc_buffer((8,), "int64", scope="global")  # a stack array
+                for r in range(m):
                     acc[T.ramp(0, 1, 8)] = T.broadcast(T.int64(0), 8)
                     for c in range(chunks):
                         acc[T.ramp(0, 1, 8)] = acc[T.ramp(0, 1, 8)] + chunk_sum(A, W, r, col, c)
-                    C[r, col] = T.int32(base)
-                    for lane in T.unroll(8):
-                        C[r, col] = C[r, col] + T.Cast("int32", acc[lane])
+                    C[r, col] = T.int32(base) + T.Cast("int32", hsum(acc[T.ramp(0, 1, 8)]))
 
-    return tvm.IRModule({"main": dense})
+    return tvm.IRModule({"main": dense_long})
 
 
 def bitpack_kernel(m: int, k: int, bits: int, dtype: str = "uint8",

@@ -140,7 +140,9 @@ def subbyte_gemv(m: int, n: int, k: int, bits: int) -> tvm.IRModule:
             with T.sblock("gemv"):
                 T.reads(A[0:m, 0:k], W[nb, 0:kb_count, 0:64], rowsum[0:m])
                 T.writes(C[0:m, nb * 16:nb * 16 + 16])
-                acc = T.sblock_alloc_buffer((m * chains * 16,), "int32", scope="local")
+                # scope "global": a stack array; a "local" buffer inside the parallel loop is
+                # a workspace allocation per iteration (measured: 10% of the w4 GEMV)
+                acc = T.sblock_alloc_buffer((m * chains * 16,), "int32", scope="global")
                 for r in T.unroll(m * chains):
                     acc[T.ramp(r * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
                 for kk in range(main_iters):

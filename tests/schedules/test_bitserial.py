@@ -74,7 +74,9 @@ def test_encode_rejects_wrong_values():
 CASES = [("xnor", 1, 1, (3, 20, 700)), ("xnor", 1, 1, (1, 5, 512)),
          ("ternary", 1, 2, (2, 17, 1000)), ("unipolar", 1, 1, (1, 5, 64)),
          ("unipolar", 2, 2, (3, 9, 300)), ("unipolar", 3, 1, (2, 5, 130)),
-         ("unipolar", 2, 4, (4, 33, 1100))]
+         ("unipolar", 2, 4, (4, 33, 1100)),
+         # past MAX_UNROLLED_CHUNKS: the accumulator-loop variant
+         ("xnor", 1, 1, (2, 5, 9000)), ("unipolar", 2, 2, (2, 3, 9000))]
 
 
 @pytest.mark.parametrize("mode,abits,wbits,mnk", CASES,
