@@ -13,6 +13,10 @@
 ``"ternary"``
     ``a`` in {-1, +1} (one plane), ``w`` in {-1, 0, +1} as two planes, ``nonzero`` and
     ``negative``: ``C = popcount(nz) - 2 popcount(nz & (a ^ neg))``.
+``"bipolar"``
+    multi-bit XNOR: ``a`` and ``w`` odd integers, sums of ``b`` bipolar planes
+    ``x = sum_i 2^i s_i`` with ``s_i`` in {-1, +1} (``abits``-bit ``a`` in
+    ``[-(2^abits - 1), 2^abits - 1]``): ``C = sum_ij 2^(i+j) (K - 2 popcount(a_i ^ w_j))``.
 
 The kernel streams 8 words (512 bits) per load and counts them with one vector popcount
 (``vpopcntq`` with AVX-512 VPOPCNTDQ; LLVM expands it into shuffles on AVX2 and into
@@ -30,7 +34,7 @@ from tvm.script import tirx as T
 
 WORD = 64
 CHUNK = 8  # words per vector load: 512 bits
-MODES = ("unipolar", "xnor", "ternary")
+MODES = ("unipolar", "xnor", "ternary", "bipolar")
 MAX_UNROLLED_CHUNKS = 16  # up to 8192 bits per row: one expression, no accumulator buffer
 
 
@@ -65,6 +69,12 @@ def encode(x: np.ndarray, mode: str, bits: int = 1) -> np.ndarray:
         if not np.isin(x, (-1, 1)).all():
             raise ValueError("xnor operands must be -1 or +1")
         return bitpack((x < 0).astype(np.int64), 1)
+    if mode == "bipolar":
+        top = (1 << bits) - 1
+        if not (np.all(np.abs(x) <= top) and np.all(x % 2 != 0)):
+            raise ValueError(f"{bits}-bit bipolar values are odd integers in [-{top}, {top}]")
+        # s_i = 2 u_i - 1 for the bits u_i of (x + top) / 2; the plane holds 1 for -1
+        return bitpack(top - (x.astype(np.int64) + top) // 2, bits)
     if mode == "ternary-weight":
         if not np.isin(x, (-1, 0, 1)).all():
             raise ValueError("ternary weights must be -1, 0 or +1")
@@ -90,13 +100,15 @@ def bitserial_dense(m: int, n: int, k: int, *, mode: str = "unipolar", abits: in
         raise ValueError("abits and wbits must be between 1 and 8")
     words = padded_words(k)
     chunks = words // CHUNK
-    pairs = [(i, j) for i in range(abits) for j in range(wbits)] if mode == "unipolar" \
-        else [(0, 0)] if mode == "xnor" else [(0, 0), (0, 1)]
+    pairs = [(i, j) for i in range(abits) for j in range(wbits)] \
+        if mode in ("unipolar", "bipolar") else [(0, 0)] if mode == "xnor" else [(0, 0), (0, 1)]
     n_acc = len(pairs)
 
     def coef(i: int, j: int) -> int:
         if mode == "xnor":
             return -2
+        if mode == "bipolar":
+            return -2 << (i + j)
         if mode == "ternary":
             return 1 if j == 0 else -2
         d = -(1 << j) if (wbits > 1 and j == wbits - 1) else 1 << j
@@ -109,7 +121,7 @@ def bitserial_dense(m: int, n: int, k: int, *, mode: str = "unipolar", abits: in
         wv = w_buf.vload([j, col, c * CHUNK], "uint64x8")
         if mode == "unipolar":
             bits = T.bitwise_and(av, wv)
-        elif mode == "xnor":
+        elif mode in ("xnor", "bipolar"):
             bits = T.bitwise_xor(av, wv)
         elif j == 0:  # ternary: popcount(nonzero)
             bits = wv
@@ -125,7 +137,8 @@ def bitserial_dense(m: int, n: int, k: int, *, mode: str = "unipolar", abits: in
             total = total + term(a_buf, w_buf, r, col, c, p)
         return total
 
-    base = k if mode == "xnor" else 0
+    base = k if mode == "xnor" else \
+        k * ((1 << abits) - 1) * ((1 << wbits) - 1) if mode == "bipolar" else 0
     wplanes = wbits
 
     def hsum(vec):

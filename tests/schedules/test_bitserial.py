@@ -41,6 +41,10 @@ def _operands(rng, mode, m, n, k, abits, wbits):
     if mode == "ternary":
         a, w = rng.choice([-1, 1], (m, k)), rng.choice([-1, 0, 1], (n, k))
         return a, w, bs.encode(a, "xnor"), bs.encode(w, "ternary-weight")
+    if mode == "bipolar":  # odd values, sums of +-1 planes
+        a = 2 * rng.integers(0, 1 << abits, (m, k)) - ((1 << abits) - 1)
+        w = 2 * rng.integers(0, 1 << wbits, (n, k)) - ((1 << wbits) - 1)
+        return a, w, bs.encode(a, "bipolar", abits), bs.encode(w, "bipolar", wbits)
     a = rng.integers(0, 1 << abits, (m, k))
     lo, hi = (-(1 << (wbits - 1)), 1 << (wbits - 1)) if wbits > 1 else (0, 2)
     w = rng.integers(lo, hi, (n, k))
@@ -67,6 +71,8 @@ def test_encode_rejects_wrong_values():
         bs.encode(np.array([[0, 1]]), "xnor")
     with pytest.raises(ValueError, match="ternary"):
         bs.encode(np.array([[2, 1]]), "ternary-weight")
+    with pytest.raises(ValueError, match="odd integers"):
+        bs.encode(np.array([[2, 1]]), "bipolar", 2)
     with pytest.raises(ValueError, match="mode"):
         bs.bitserial_dense(1, 1, 64, mode="bipolar-ish")
 
@@ -75,6 +81,7 @@ CASES = [("xnor", 1, 1, (3, 20, 700)), ("xnor", 1, 1, (1, 5, 512)),
          ("ternary", 1, 2, (2, 17, 1000)), ("unipolar", 1, 1, (1, 5, 64)),
          ("unipolar", 2, 2, (3, 9, 300)), ("unipolar", 3, 1, (2, 5, 130)),
          ("unipolar", 2, 4, (4, 33, 1100)),
+         ("bipolar", 2, 2, (3, 9, 300)), ("bipolar", 1, 3, (2, 6, 1030)),
          # past MAX_UNROLLED_CHUNKS: the accumulator-loop variant
          ("xnor", 1, 1, (2, 5, 9000)), ("unipolar", 2, 2, (2, 3, 9000))]
 

@@ -38,6 +38,8 @@ from .sensitivity import (
 
 logger = logging.getLogger(__name__)
 
+SENSITIVITIES = ("kl", "kl-int8", "hessian")
+
 
 @dataclass
 class MixedPrecisionResult:
@@ -97,9 +99,11 @@ def search(
         ``"4MB"``, ``"2G"``; plain numbers are ms, bytes, BOPs). At least one.
     precisions : sequence of str
         Candidates per layer, among ``float``, ``int8``, ``int4``.
-    sensitivity : ``"kl"`` or ``"hessian"``
-        ZeroQ-style output divergence, or HAWQ-V2's Hessian trace times the weight
-        perturbation (Hutchinson, ``hessian_vectors`` vectors).
+    sensitivity : ``"kl"``, ``"kl-int8"`` or ``"hessian"``
+        ZeroQ-style output divergence with only that layer quantized (``kl``) or as the
+        change from uniform int8 with the other layers int8 (``kl-int8``), or HAWQ-V2's
+        Hessian trace times the weight perturbation (Hutchinson, ``hessian_vectors``
+        vectors).
     latency_table : LatencyTable or path, optional
         The table of measured layer latencies to use and extend (e.g.
         ``~/.cache/tvmquant/latency.json``); in memory if not given.
@@ -123,8 +127,8 @@ def search(
     if unknown or "int8" not in precisions:
         raise ValueError(f"precisions must include int8 and be among {PRECISIONS}, got "
                          f"{list(precisions)}")
-    if sensitivity not in ("kl", "hessian"):
-        raise ValueError(f"sensitivity must be 'kl' or 'hessian', got {sensitivity!r}")
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
     base = base or get_preset("int8")
     tgt = resolve_target(target)
     remote = None
@@ -161,9 +165,10 @@ def search(
     # calibration split have no text at all, and a blank page measures nothing)
     step = max(1, len(samples) // sensitivity_samples)
     sens_samples = samples[::step][:sensitivity_samples]
-    if sensitivity == "kl":
+    if sensitivity in ("kl", "kl-int8"):
         sens = kl_sensitivity(float_mod, sources, sens_samples, precisions, target=tgt,
-                              progress=progress, cache=sens_cache)
+                              progress=progress, cache=sens_cache,
+                              context="int8" if sensitivity == "kl-int8" else "float")
     else:
         traces = hutchinson_traces(float_mod, sources, sens_samples, vectors=hessian_vectors,
                                    target=tgt, progress=progress)
