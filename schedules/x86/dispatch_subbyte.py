@@ -23,8 +23,9 @@ Rules, first match wins:
   neither -1 nor +1) is packed as +1 and corrected by a compile-time constant per output
   pixel and channel (the weights those padded taps met).
 - **sub-byte GEMV** (weights of 2 or 4 bits, at most :data:`MAX_GEMV_ROWS` rows, VNNI
-  targets): the weights packed two or four per byte (:func:`pack_subbyte`), unpacked in
-  registers; the memory-bound batch-1 shapes where fewer weight bytes are less time.
+  targets; matmuls, and 1x1 convolutions over at most that many pixels): the weights
+  packed two or four per byte (:func:`pack_subbyte`), unpacked in registers; the
+  memory-bound shapes where fewer weight bytes are less time.
 
 Only the integer product is replaced; the zero-point correction, bias and requantization
 that follow stay graph ops (fused by FuseOps). The packed constants are what the compiled
@@ -225,25 +226,48 @@ class _SubByteDispatcher(relax.PyExprMutator):
             out = bb.emit(relax.op.add(out, relax.const(correction[None], "int32")))
         return relax.op.permute_dims(out, [0, 3, 1, 2])
 
+    def _gemv_conv(self, call, w):
+        """A 1x1 convolution over few pixels is a GEMV: pixels as rows, channels as K."""
+        attrs = call.attrs
+        n, c, h, wd = static_shape(call.args[0])
+        if w.shape[2:] != (1, 1) or int(attrs.groups) != 1 or \
+                str(attrs.data_layout) != "NCHW" or str(attrs.out_layout) != "NCHW" or \
+                any(int(v) != 1 for v in (*attrs.strides, *attrs.dilation)) or \
+                any(int(p) for p in attrs.padding) or n * h * wd > MAX_GEMV_ROWS:
+            return None
+        bits = 2 if signed_bits(w) <= 2 else 4
+        data = self.visit_expr(call.args[0])
+        rows = self.builder_.emit(relax.op.reshape(
+            relax.op.permute_dims(data, [0, 2, 3, 1]), (n * h * wd, c)))
+        out = self._gemv_rows(rows, n * h * wd, c, w.reshape(w.shape[0], c), bits)
+        self.picked.append(f"gemv conv1x1 w{bits}")
+        out = self.builder_.emit(relax.op.reshape(out, (n, h, wd, w.shape[0])))
+        return relax.op.permute_dims(out, [0, 3, 1, 2])
+
     def _gemv(self, call, w, wbits):
         data = self.visit_expr(call.args[0])
         rows, k = self._rows(call.args[0])
-        n = w.shape[1]
+        flat = self.builder_.emit(relax.op.reshape(data, (rows, k)))
+        out = self._gemv_rows(flat, rows, k, w.T, wbits)
+        return relax.op.reshape(out, static_shape(call))
+
+    def _gemv_rows(self, flat, rows, k, w_nk, wbits):
+        """``flat[rows, k] . w_nk[n, k]^T`` on the sub-byte GEMV: ``[rows, n]`` int32."""
+        n = w_nk.shape[0]
         kb = k_block(wbits)
         kp = -(-k // kb) * kb
         bb = self.builder_
-        flat = bb.emit(relax.op.reshape(data, (rows, k)))
         if kp != k:
             flat = bb.emit(relax.op.nn.pad(flat, [0, 0, 0, kp - k], pad_value=0.0))
         gv = self._kernel(("gemv", rows, n, kp, wbits),
                           lambda: subbyte_gemv(rows, n, kp, wbits))
-        packed = relax.const(pack_subbyte(w.T, wbits), "int8")
+        packed = relax.const(pack_subbyte(w_nk, wbits), "int8")
         n_pad = -(-n // LANES) * LANES
         out = bb.emit(relax.call_tir(gv, [flat, packed], relax.TensorType((rows, n_pad),
                                                                           "int32")))
         if n_pad != n:
             out = bb.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n]))
-        return relax.op.reshape(out, static_shape(call))
+        return out
 
     def _binary_conv(self, call, w):
         mode = sign_mode(w) if self._binary_codes(call.args[0]) else None
@@ -262,16 +286,17 @@ class _SubByteDispatcher(relax.PyExprMutator):
                 isinstance(call.args[1], Constant) and \
                 isinstance(call.args[0], relax.Var) and static_shape(call.args[0]) is not None:
             w = const_value(call.args[1])
+            abits = self._activation_bits(call.args[0])
+            wbits = signed_bits(w) if w.dtype == np.int8 else 8
+            new = None
             if dtype_of(call.args[0]) == "int8":
                 new = self._binary_conv(call, w)
-            else:
-                new = None
-                abits = self._activation_bits(call.args[0])
-                wbits = signed_bits(w) if w.dtype == np.int8 else 8
-                if abits <= MAX_BITSERIAL_BITS and wbits <= MAX_BITSERIAL_BITS:
-                    new = self._bitserial_conv(call, w, abits, wbits)
-                    if new is not None:
-                        self.picked.append(f"bitserial conv a{abits}w{wbits}")
+            elif abits <= MAX_BITSERIAL_BITS and wbits <= MAX_BITSERIAL_BITS:
+                new = self._bitserial_conv(call, w, abits, wbits)
+                if new is not None:
+                    self.picked.append(f"bitserial conv a{abits}w{wbits}")
+            elif self.gemv and wbits <= 4:
+                new = self._gemv_conv(call, w)
             if new is not None:
                 self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, new))
                 return

@@ -364,3 +364,39 @@ def test_binary_network_cross_compiles_for_arm_neon():
     ex = tvmquant.build(q.mod, arm)
     asm = "".join(m.inspect_source("asm") for m in ex.mod.imports)
     assert "\tcnt\t" in asm
+
+
+def test_few_pixel_1x1_convolutions_run_on_the_gemv():
+    """A 1x1 convolution over 4 pixels with 4-bit (and 2-bit) weights is memory-bound: it
+    runs on the packed GEMV (pixels as rows), bit-exact with TVM's default kernels."""
+    _need_vnni()
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 256, 2, 2), "float32"))
+    with bb.function("main", [x], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(
+                rng.normal(0, 0.1, (128, 256, 1, 1)).astype("float32"))))
+            y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(y, relax.const(
+                rng.normal(0, 0.1, (1, 128, 1, 1)).astype("float32"))))))
+            y = bb.emit(relax.op.nn.conv2d(y, relax.const(
+                rng.normal(0, 0.1, (64, 128, 1, 1)).astype("float32"))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    base = get_preset("int8")
+    config = base.with_overrides(LayerOverride("conv2d_0", weight=base.weight.with_(bits=4)),
+                                 LayerOverride("conv2d_1", weight=base.weight.with_(bits=2)))
+    samples = [{"x": rng.normal(0, 1, (1, 256, 2, 2)).astype("float32")} for _ in range(4)]
+    q = tvmquant.quantize(bb.get(), samples, config, progress=False)
+    after = DispatchSubByte()(q.mod)
+    relax.analysis.well_formed(after)
+    assert list(after["main"].attrs["tvmquant.subbyte_kernels"]) == \
+        ["gemv conv1x1 w4", "gemv conv1x1 w2"]
+    fast = relax.VirtualMachine(tvmquant.build(q.mod, TARGET), tvm.cpu())
+    plain = relax.VirtualMachine(tvmquant.build(q.mod, "llvm", kernels=False,
+                                                schedules=False), tvm.cpu())
+    for _ in range(3):
+        v = tvm.runtime.tensor(np.random.default_rng().normal(0, 1, (1, 256, 2, 2))
+                               .astype("float32"))
+        np.testing.assert_allclose(fast["main"](v).numpy(), plain["main"](v).numpy(),
+                                   rtol=1e-6, atol=0)
