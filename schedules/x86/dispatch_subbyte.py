@@ -27,9 +27,11 @@ Rules, first match wins:
   packed two or four per byte (:func:`pack_subbyte`), unpacked in registers; the
   memory-bound shapes where fewer weight bytes are less time.
 
-Only the integer product is replaced; the zero-point correction, bias and requantization
-that follow stay graph ops (fused by FuseOps). The packed constants are what the compiled
-module stores, so the weights shrink in the file as well.
+The GEMV runs the int8 kernels' epilogue (zero-point correction and bias, dyadic
+requantization, clamp) before its store when the product is followed by one; elsewhere
+only the integer product is replaced and what follows stays graph ops (fused by FuseOps).
+The packed constants are what the compiled module stores, so the weights shrink in the
+file as well.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from .bitserial_dense import (
     pack_conv_weight_nhwc,
     padded_words,
 )
+from .dispatch import _match_chains
 from .subbyte_gemv import LANES, k_block, pack_subbyte, subbyte_gemv
 
 MAX_GEMV_ROWS = 8
@@ -119,6 +122,42 @@ class _SubByteDispatcher(relax.PyExprMutator):
             for b in block.bindings:
                 self.value[b.var] = b.value
         self.picked: list[str] = []
+        # requantization chains (chain end -> match) whose product the GEMV will take whole
+        self.fused = {v: m for v, m in _match_chains(func).items()
+                      if self._gemv_bits(m.anchor) is not None}
+        self.fused_anchors = {var for var, value in self.value.items()
+                              if any(value.same_as(m.anchor) for m in self.fused.values())}
+
+    def _gemv_bits(self, call) -> int | None:
+        """2 or 4 if ``call`` (integer matmul or conv2d) goes to the sub-byte GEMV."""
+        data = call.args[0]
+        if not self.gemv or not isinstance(data, relax.Var) or dtype_of(data) != "uint8" or \
+                not isinstance(call.args[1], Constant):
+            return None
+        w = const_value(call.args[1])
+        wbits = signed_bits(w) if w.dtype == np.int8 else 8
+        if wbits > 4 or (self._activation_bits(data) <= MAX_BITSERIAL_BITS and
+                         wbits <= MAX_BITSERIAL_BITS):
+            return None  # int8, or bit-serial
+        if call.op.name == "relax.matmul":
+            rows = self._rows(data)
+            ok = w.ndim == 2 and rows is not None and rows[0] <= MAX_GEMV_ROWS
+        else:
+            ok = call.op.name == "relax.nn.conv2d" and self._conv1x1_rows(call) is not None
+        return (2 if wbits <= 2 else 4) if ok else None
+
+    def _conv1x1_rows(self, call):
+        """Pixels of a 1x1, stride-1, unpadded NCHW conv2d over at most MAX_GEMV_ROWS."""
+        attrs, shape = call.attrs, static_shape(call.args[0])
+        w_shape = static_shape(call.args[1])
+        if shape is None or w_shape is None or tuple(w_shape[2:]) != (1, 1) or \
+                int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW" or \
+                str(attrs.out_layout) != "NCHW" or \
+                any(int(v) != 1 for v in (*attrs.strides, *attrs.dilation)) or \
+                any(int(p) for p in attrs.padding):
+            return None
+        n, _, h, w = shape
+        return n * h * w if n * h * w <= MAX_GEMV_ROWS else None
 
     def _kernel(self, key, build):
         if key not in self.kernels:
@@ -226,48 +265,49 @@ class _SubByteDispatcher(relax.PyExprMutator):
             out = bb.emit(relax.op.add(out, relax.const(correction[None], "int32")))
         return relax.op.permute_dims(out, [0, 3, 1, 2])
 
-    def _gemv_conv(self, call, w):
-        """A 1x1 convolution over few pixels is a GEMV: pixels as rows, channels as K."""
-        attrs = call.attrs
-        n, c, h, wd = static_shape(call.args[0])
-        if w.shape[2:] != (1, 1) or int(attrs.groups) != 1 or \
-                str(attrs.data_layout) != "NCHW" or str(attrs.out_layout) != "NCHW" or \
-                any(int(v) != 1 for v in (*attrs.strides, *attrs.dilation)) or \
-                any(int(p) for p in attrs.padding) or n * h * wd > MAX_GEMV_ROWS:
-            return None
-        bits = 2 if signed_bits(w) <= 2 else 4
+    def _gemv_call(self, call, bits, match=None):
+        """The sub-byte GEMV for a matmul or a few-pixel 1x1 conv2d (pixels as rows), with
+        the requantization of ``match`` fused when given; the result has ``call``'s shape."""
+        w = const_value(call.args[1])
         data = self.visit_expr(call.args[0])
-        rows = self.builder_.emit(relax.op.reshape(
-            relax.op.permute_dims(data, [0, 2, 3, 1]), (n * h * wd, c)))
-        out = self._gemv_rows(rows, n * h * wd, c, w.reshape(w.shape[0], c), bits)
-        self.picked.append(f"gemv conv1x1 w{bits}")
-        out = self.builder_.emit(relax.op.reshape(out, (n, h, wd, w.shape[0])))
-        return relax.op.permute_dims(out, [0, 3, 1, 2])
-
-    def _gemv(self, call, w, wbits):
-        data = self.visit_expr(call.args[0])
-        rows, k = self._rows(call.args[0])
-        flat = self.builder_.emit(relax.op.reshape(data, (rows, k)))
-        out = self._gemv_rows(flat, rows, k, w.T, wbits)
-        return relax.op.reshape(out, static_shape(call))
-
-    def _gemv_rows(self, flat, rows, k, w_nk, wbits):
-        """``flat[rows, k] . w_nk[n, k]^T`` on the sub-byte GEMV: ``[rows, n]`` int32."""
-        n = w_nk.shape[0]
-        kb = k_block(wbits)
-        kp = -(-k // kb) * kb
         bb = self.builder_
+        if call.op.name == "relax.matmul":
+            rows, k = self._rows(call.args[0])
+            flat = bb.emit(relax.op.reshape(data, (rows, k)))
+            w_nk = w.T
+        else:
+            n, k, h, wd = static_shape(call.args[0])
+            rows = n * h * wd
+            flat = bb.emit(relax.op.reshape(relax.op.permute_dims(data, [0, 2, 3, 1]),
+                                            (rows, k)))
+            w_nk = w.reshape(w.shape[0], k)
+        n_out = w_nk.shape[0]
+        kb = k_block(bits)
+        kp = -(-k // kb) * kb
         if kp != k:
             flat = bb.emit(relax.op.nn.pad(flat, [0, 0, 0, kp - k], pad_value=0.0))
-        gv = self._kernel(("gemv", rows, n, kp, wbits),
-                          lambda: subbyte_gemv(rows, n, kp, wbits))
-        packed = relax.const(pack_subbyte(w_nk, wbits), "int8")
-        n_pad = -(-n // LANES) * LANES
-        out = bb.emit(relax.call_tir(gv, [flat, packed], relax.TensorType((rows, n_pad),
-                                                                          "int32")))
-        if n_pad != n:
-            out = bb.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n]))
-        return out
+        n_pad = -(-n_out // LANES) * LANES
+        args = [flat, relax.const(pack_subbyte(w_nk, bits), "int8")]
+        dtype = "int32"
+        if match is None:
+            gv = self._kernel(("gemv", rows, n_out, kp, bits),
+                              lambda: subbyte_gemv(rows, n_out, kp, bits))
+        else:
+            gv = self._kernel(("gemv", rows, n_out, kp, bits, match.requant),
+                              lambda: subbyte_gemv(rows, n_out, kp, bits, match.requant))
+            args += [relax.const(np.pad(v, (0, n_pad - n_out)).astype(np.int32), "int32")
+                     for v in (match.bias, match.m0, match.shift)]
+            dtype = match.requant.out_dtype
+        out = bb.emit(relax.call_tir(gv, args, relax.TensorType((rows, n_pad), dtype)))
+        if n_pad != n_out:
+            out = bb.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n_out]))
+        kind = "gemv" if call.op.name == "relax.matmul" else "gemv conv1x1"
+        self.picked.append(f"{kind} w{bits}" + (" +requant" if match is not None else ""))
+        if call.op.name == "relax.matmul":
+            return relax.op.reshape(out, static_shape(call))
+        n, _, h, wd = static_shape(call.args[0])
+        out = bb.emit(relax.op.reshape(out, (n, h, wd, n_out)))
+        return relax.op.permute_dims(out, [0, 3, 1, 2])
 
     def _binary_conv(self, call, w):
         mode = sign_mode(w) if self._binary_codes(call.args[0]) else None
@@ -279,7 +319,15 @@ class _SubByteDispatcher(relax.PyExprMutator):
         return new
 
     def visit_var_binding_(self, binding):
+        match = self.fused.get(binding.var)
+        if match is not None:
+            new = self._gemv_call(match.anchor, self._gemv_bits(match.anchor), match)
+            self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, new))
+            return
         call = binding.value
+        if binding.var in self.fused_anchors:
+            super().visit_var_binding_(binding)  # taken whole at the end of its chain
+            return
         if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and \
                 call.op.name == "relax.nn.conv2d" and str(call.attrs.out_dtype) == "int32" and \
                 dtype_of(call.args[0]) in ("uint8", "int8") and \
@@ -295,8 +343,8 @@ class _SubByteDispatcher(relax.PyExprMutator):
                 new = self._bitserial_conv(call, w, abits, wbits)
                 if new is not None:
                     self.picked.append(f"bitserial conv a{abits}w{wbits}")
-            elif self.gemv and wbits <= 4:
-                new = self._gemv_conv(call, w)
+            elif (bits := self._gemv_bits(call)) is not None:
+                new = self._gemv_call(call, bits)
             if new is not None:
                 self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, new))
                 return
@@ -322,15 +370,11 @@ class _SubByteDispatcher(relax.PyExprMutator):
             return self._bitserial(call, w, 1, 1 if mode == "xnor" else 2, mode)
         wbits = signed_bits(w)
         abits = self._activation_bits(call.args[0])
-        rows, _ = self._rows(call.args[0])
         if abits <= MAX_BITSERIAL_BITS and wbits <= MAX_BITSERIAL_BITS:
             self.picked.append(f"bitserial a{abits}w{wbits}")
             return self._bitserial(call, w, abits, wbits)
-        if self.gemv and wbits <= 4 and rows <= MAX_GEMV_ROWS:
-            bits = 2 if wbits <= 2 else 4
-            self.picked.append(f"gemv w{bits}")
-            return self._gemv(call, w, bits)
-        return None
+        bits = self._gemv_bits(call)
+        return self._gemv_call(call, bits) if bits is not None else None
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvmquant.DispatchSubByte")

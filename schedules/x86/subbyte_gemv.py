@@ -87,8 +87,15 @@ def gemv_reference(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (a.astype(np.int64) @ w.astype(np.int64).T).astype(np.int32)
 
 
-def subbyte_gemv(m: int, n: int, k: int, bits: int) -> tvm.IRModule:
-    """The kernel for ``A[m, k]`` u8 (``k`` a multiple of ``4*P``) and packed ``n``; C int32."""
+def subbyte_gemv(m: int, n: int, k: int, bits: int, requant=None) -> tvm.IRModule:
+    """The kernel for ``A[m, k]`` u8 (``k`` a multiple of ``4*P``) and packed ``n``; C int32.
+
+    With ``requant`` (a :class:`~tvmquant.schedules.x86.int8_dense.Requant`) the int8
+    kernels' epilogue runs in the kernel before the store: the parameters grow
+    ``bias, m0, shift`` (int32 ``[n_pad]``) and ``C`` holds
+    ``clip(zp + round_half_up((acc + bias) * m0 / 2^shift), lo, hi)`` in
+    ``requant.out_dtype`` (:func:`~tvmquant.schedules.x86.int8_dense.epilogue_reference`).
+    """
     per = values_per_byte(bits)
     kb = k_block(bits)
     if k % kb:
@@ -120,14 +127,8 @@ def subbyte_gemv(m: int, n: int, k: int, bits: int) -> tvm.IRModule:
     chains = max(1, min(4, kb_count))
     main_iters, tail = divmod(kb_count, chains)
 
-    @T.prim_func(s_tir=True)
-    def gemv(
-        A: T.Buffer((m, k), "uint8"),
-        W: T.Buffer((nb_count, kb_count, 64), "int8"),
-        C: T.Buffer((m, n_pad), "int32"),
-    ):
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        rowsum = T.alloc_buffer((m,), "int32")
+    @T.macro
+    def row_sums(A, rowsum):
         for r in range(m):
             with T.sblock("rowsum"):
                 vr = T.axis.spatial(m, r)
@@ -136,42 +137,101 @@ def subbyte_gemv(m: int, n: int, k: int, bits: int) -> tvm.IRModule:
                 rowsum[vr] = 0
                 for kk in range(k):
                     rowsum[vr] = rowsum[vr] + T.Cast("int32", A[vr, kk])
+
+    @T.macro
+    def accumulate(A, W, acc, nb):
+        """``acc[r * chains * 16 ..]``: row ``r``'s 16 sums of block ``nb`` (offset kept)."""
+        for r in T.unroll(m * chains):
+            acc[T.ramp(r * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+        for kk in range(main_iters):
+            for u in T.unroll(chains):
+                vb: T.let = W.vload([nb, kk * chains + u, 0], "int8x64")
+                for r in T.unroll(m):
+                    for s in T.unroll(per):
+                        acc[T.ramp((r * chains + u) * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                            acc[T.ramp((r * chains + u) * 16, 1, 16)],
+                            act(A, r, (kk * chains + u) * kb + s * 4),
+                            field(vb, s),
+                            dtype="int32x16")
+        for t in T.unroll(tail):
+            vt: T.let = W.vload([nb, main_iters * chains + t, 0], "int8x64")
+            for r in T.unroll(m):
+                for s in T.unroll(per):
+                    acc[T.ramp(r * chains * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                        acc[T.ramp(r * chains * 16, 1, 16)],
+                        act(A, r, (main_iters * chains + t) * kb + s * 4),
+                        field(vt, s),
+                        dtype="int32x16")
+        for r in T.unroll(m):
+            for u in T.unroll(1, chains):
+                acc[T.ramp(r * chains * 16, 1, 16)] = (
+                    acc[T.ramp(r * chains * 16, 1, 16)]
+                    + acc[T.ramp((r * chains + u) * 16, 1, 16)])
+
+    def total(acc, rowsum, r):
+        return acc[T.ramp(r * chains * 16, 1, 16)] - T.broadcast(rowsum[r] * offset, 16)
+
+    if requant is None:
+        @T.prim_func(s_tir=True)
+        def gemv(
+            A: T.Buffer((m, k), "uint8"),
+            W: T.Buffer((nb_count, kb_count, 64), "int8"),
+            C: T.Buffer((m, n_pad), "int32"),
+        ):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            rowsum = T.alloc_buffer((m,), "int32")
+            row_sums(A, rowsum)
+            for nb in T.parallel(nb_count):
+                with T.sblock("gemv"):
+                    T.reads(A[0:m, 0:k], W[nb, 0:kb_count, 0:64], rowsum[0:m])
+                    T.writes(C[0:m, nb * 16:nb * 16 + 16])
+                    # scope "global": a stack array; a "local" buffer inside the parallel
+                    # loop is a workspace allocation per iteration (10% of the w4 GEMV)
+                    acc = T.sblock_alloc_buffer((m * chains * 16,), "int32", scope="global")
+                    accumulate(A, W, acc, nb)
+                    for r in T.unroll(m):
+                        C[r, T.ramp(nb * 16, 1, 16)] = total(acc, rowsum, r)
+
+        return tvm.IRModule({"main": gemv})
+
+    out_vec = f"{requant.out_dtype}x16"
+
+    def requantized(x, bias, m0, shift, nb):
+        """The int8 kernels' epilogue on 16 lanes, in int64."""
+        lanes = T.ramp(nb * 16, 1, 16)
+        sh = T.Cast("int64x16", shift[lanes])
+        one = T.broadcast(T.int64(1), 16)
+        half = T.shift_right(T.shift_left(one, sh), one)  # 2^(sh-1), 0 for sh = 0
+        y = T.Cast("int64x16", x + bias[lanes]) * T.Cast("int64x16", m0[lanes]) + half
+        y = T.shift_right(y, sh) + T.broadcast(T.int64(requant.zero_point), 16)
+        y = T.max(T.min(y, T.broadcast(T.int64(requant.hi), 16)),
+                  T.broadcast(T.int64(requant.lo), 16))
+        return T.Cast(out_vec, y)
+
+    @T.prim_func(s_tir=True)
+    def gemv_requant(
+        A: T.Buffer((m, k), "uint8"),
+        W: T.Buffer((nb_count, kb_count, 64), "int8"),
+        bias: T.Buffer((n_pad,), "int32"),
+        m0: T.Buffer((n_pad,), "int32"),
+        shift: T.Buffer((n_pad,), "int32"),
+        C: T.Buffer((m, n_pad), requant.out_dtype),
+    ):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        rowsum = T.alloc_buffer((m,), "int32")
+        row_sums(A, rowsum)
         for nb in T.parallel(nb_count):
             with T.sblock("gemv"):
-                T.reads(A[0:m, 0:k], W[nb, 0:kb_count, 0:64], rowsum[0:m])
+                T.reads(A[0:m, 0:k], W[nb, 0:kb_count, 0:64], rowsum[0:m],
+                        bias[nb * 16:nb * 16 + 16], m0[nb * 16:nb * 16 + 16],
+                        shift[nb * 16:nb * 16 + 16])
                 T.writes(C[0:m, nb * 16:nb * 16 + 16])
-                # scope "global": a stack array; a "local" buffer inside the parallel loop is
-                # a workspace allocation per iteration (measured: 10% of the w4 GEMV)
                 acc = T.sblock_alloc_buffer((m * chains * 16,), "int32", scope="global")
-                for r in T.unroll(m * chains):
-                    acc[T.ramp(r * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
-                for kk in range(main_iters):
-                    for u in T.unroll(chains):
-                        vb: T.let = W.vload([nb, kk * chains + u, 0], "int8x64")
-                        for r in T.unroll(m):
-                            for s in T.unroll(per):
-                                acc[T.ramp((r * chains + u) * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                                    acc[T.ramp((r * chains + u) * 16, 1, 16)],
-                                    act(A, r, (kk * chains + u) * kb + s * 4),
-                                    field(vb, s),
-                                    dtype="int32x16")
-                for t in T.unroll(tail):
-                    vt: T.let = W.vload([nb, main_iters * chains + t, 0], "int8x64")
-                    for r in T.unroll(m):
-                        for s in T.unroll(per):
-                            acc[T.ramp(r * chains * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                                acc[T.ramp(r * chains * 16, 1, 16)],
-                                act(A, r, (main_iters * chains + t) * kb + s * 4),
-                                field(vt, s),
-                                dtype="int32x16")
+                accumulate(A, W, acc, nb)
                 for r in T.unroll(m):
-                    for u in T.unroll(1, chains):
-                        acc[T.ramp(r * chains * 16, 1, 16)] = (
-                            acc[T.ramp(r * chains * 16, 1, 16)]
-                            + acc[T.ramp((r * chains + u) * 16, 1, 16)])
-                    C[r, T.ramp(nb * 16, 1, 16)] = acc[T.ramp(r * chains * 16, 1, 16)] - \
-                        T.broadcast(rowsum[r] * offset, 16)
+                    C[r, T.ramp(nb * 16, 1, 16)] = requantized(total(acc, rowsum, r), bias, m0,
+                                                               shift, nb)
 
-    return tvm.IRModule({"main": gemv})
+    return tvm.IRModule({"main": gemv_requant})

@@ -78,7 +78,7 @@ def test_mixed_network_picks_a_kernel_per_layer(mixed):
     assert mixed.report["lowering_fallbacks"] == []
     after = DispatchSubByte()(mixed.mod)
     relax.analysis.well_formed(after)
-    assert list(after["main"].attrs["tvmquant.subbyte_kernels"]) == ["gemv w4",
+    assert list(after["main"].attrs["tvmquant.subbyte_kernels"]) == ["gemv w4 +requant",
                                                                     "bitserial a1w2"]
     text = after["main"].script()
     assert text.count("R.matmul") == 2  # the two int8 layers (VNNI dispatch takes them later)
@@ -391,7 +391,7 @@ def test_few_pixel_1x1_convolutions_run_on_the_gemv():
     after = DispatchSubByte()(q.mod)
     relax.analysis.well_formed(after)
     assert list(after["main"].attrs["tvmquant.subbyte_kernels"]) == \
-        ["gemv conv1x1 w4", "gemv conv1x1 w2"]
+        ["gemv conv1x1 w4 +requant", "gemv conv1x1 w2"]
     fast = relax.VirtualMachine(tvmquant.build(q.mod, TARGET), tvm.cpu())
     plain = relax.VirtualMachine(tvmquant.build(q.mod, "llvm", kernels=False,
                                                 schedules=False), tvm.cpu())

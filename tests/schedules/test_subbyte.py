@@ -79,6 +79,33 @@ def test_gemv_exact(bits, mnk):
     np.testing.assert_array_equal(c.numpy()[:, :n], sb.gemv_reference(a, w))
 
 
+@pytest.mark.parametrize("bits,out_dtype,lo,hi", [(4, "uint8", 0, 255), (2, "int8", -128, 127),
+                                                  (4, "uint8", 3, 200)])
+def test_gemv_with_fused_requantization_exact(bits, out_dtype, lo, hi):
+    """The int8 kernels' epilogue (bias, dyadic multiplier and shift per channel, zero point,
+    clamp) in the GEMV's store, against ``epilogue_reference`` on fresh inputs."""
+    from tvmquant.schedules.x86.int8_dense import Requant, epilogue_reference
+
+    _need_vnni()
+    m, n, k = 3, 40, 4 * sb.k_block(bits)
+    rng = np.random.default_rng()
+    w = _weights(rng, bits, n, k)
+    a = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    n_pad = -(-n // 16) * 16
+    bias = rng.integers(-5000, 5000, n_pad).astype(np.int32)
+    m0 = rng.integers(1 << 30, 1 << 31, n_pad).astype(np.int32)
+    shift = rng.integers(34, 42, n_pad).astype(np.int32)
+    shift[0] = 0  # no rounding term
+    requant = Requant(7 if out_dtype == "uint8" else -3, lo, hi, out_dtype)
+    ex = tvm.compile(sb.subbyte_gemv(m, n, k, bits, requant), TARGET)
+    c = tvm.runtime.tensor(np.zeros((m, n_pad), out_dtype))
+    ex.mod["main"](*[tvm.runtime.tensor(v) for v in (a, sb.pack_subbyte(w, bits), bias, m0,
+                                                      shift)], c)
+    acc = sb.gemv_reference(a, w)
+    ref = epilogue_reference(acc, bias[:n], m0[:n], shift[:n], requant)
+    np.testing.assert_array_equal(c.numpy()[:, :n], ref)
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 def test_gemv_unpacks_in_registers(bits):
     """Structure: one 64-byte weight load feeds 8/bits vpdpbusd; no byte shifts emulated."""
