@@ -173,7 +173,7 @@ def bitserial_rows(target, rng) -> list[str]:
     return rows
 
 
-def bitserial_conv_rows(target, rng) -> list[str]:
+def bitserial_conv_rows(target, rng, fp32_trials: int = 0) -> list[str]:
     """A whole 3x3 convolution 64->64 on 56x56 (pad 1): packing im2col + popcount dense
     against tvmquant's int8 VNNI direct convolution and fp32 TVM (default schedules)."""
     import tvm
@@ -199,10 +199,23 @@ def bitserial_conv_rows(target, rng) -> list[str]:
             out = bb.emit_output(bb.emit(relax.op.nn.conv2d(
                 x, relax.const(w8.astype(np.float32)), padding=1)))
         bb.emit_func_output(out)
-    vm = relax.VirtualMachine(build(bb.get(), target), tvm.cpu())
+    fp32_mod = bb.get()
+    vm = relax.VirtualMachine(build(fp32_mod, target), tvm.cpu())
     xf = tvm.runtime.tensor(rng.normal(0, 1, (n, c, h, w)).astype(np.float32))
     times["fp32"] = float(np.median(vm.time_evaluator("main", tvm.cpu(), number=3,
                                                        repeat=5)(xf).results)) * 1e6
+    if fp32_trials:  # MetaSchedule (XGBoost cost model) on this conv, resumable work dir
+        from tvmquant.tuning import records_database, tune
+
+        work = HERE / "records" / f"fp32-conv3x3-{target.attrs.get('mcpu', 'cpu')}"
+        tune(fp32_mod, target, work, trials=fp32_trials, progress=False, end_to_end=False)
+        tuned = relax.VirtualMachine(build(fp32_mod, target,
+                                           database=records_database(work)), tvm.cpu())
+        want = vm["main"](xf).numpy()
+        assert np.allclose(tuned["main"](xf).numpy(), want, rtol=1e-4, atol=1e-3 *
+                           np.abs(want).max()), "tuned fp32 conv wrong"
+        times["fp32 tuned"] = float(np.median(tuned.time_evaluator(
+            "main", tvm.cpu(), number=3, repeat=5)(xf).results)) * 1e6
     times["fp32 ort"] = _ort_conv_us(w8.astype(np.float32), xf.numpy())
     from tvmquant.schedules.x86.dispatch_subbyte import padding_correction, sign_planes
 
@@ -249,13 +262,23 @@ def bitserial_conv_rows(target, rng) -> list[str]:
         tp = _best_us(pack.mod, [ta, planes], number=5)
         td = _best_us(dense.mod, [planes, wp, out], number=5)
         times[key] = (tp, td)
-    fp32 = times["fp32"]
-    rows = [f"| fp32 (TVM, tvmquant default schedule) | {fp32:.0f} | - | 1.00x | "
-            f"{fp32 / times['fp32 ort']:.2f}x | {times['int8'] / fp32:.2f}x |",
-            f"| fp32 (ONNX Runtime, MLAS) | {times['fp32 ort']:.0f} | - | "
-            f"{fp32 / times['fp32 ort']:.2f}x | 1.00x | {times['int8'] / times['fp32 ort']:.2f}x |",
-            f"| int8 (tvmquant VNNI direct conv) | {times['int8']:.0f} | - | "
-            f"{fp32 / times['int8']:.2f}x | {times['fp32 ort'] / times['int8']:.2f}x | 1.00x |"]
+    bases = [("fp32 TVM", times["fp32"]), ("fp32 ORT", times["fp32 ort"]),
+             ("int8", times["int8"])]
+    if fp32_trials:
+        bases.insert(1, ("fp32 TVM tuned", times["fp32 tuned"]))
+    rows = ["| kernel | us | of which packing | "
+            + " | ".join(f"vs {name}" for name, _ in bases) + " |",
+            "|---|---:|---:|" + "---:|" * len(bases)]
+
+    def row(title, us, packing="-"):
+        rows.append(f"| {title} | {us:.0f} | {packing} | "
+                    + " | ".join(f"{t / us:.2f}x" for _, t in bases) + " |")
+
+    row("fp32 (TVM, tvmquant default schedule)", times["fp32"])
+    if fp32_trials:
+        row(f"fp32 (TVM, MetaSchedule-tuned, {fp32_trials} trials)", times["fp32 tuned"])
+    row("fp32 (ONNX Runtime, MLAS)", times["fp32 ort"])
+    row("int8 (tvmquant VNNI direct conv)", times["int8"])
     for key, title in (("xnor nhwc", "binary x binary, XNOR (NHWC packing)"),
                        ("ternary nhwc", "binary activations x ternary weights (NHWC packing)"),
                        ("a1w2 nhwc", "1-bit {0,1} activations x 2-bit weights (NHWC packing)"),
@@ -263,9 +286,7 @@ def bitserial_conv_rows(target, rng) -> list[str]:
                                        "packing)"),
                        ("a2w2 nhwc", "2-bit x 2-bit (NHWC packing)")):
         tp, td = times[key]
-        rows.append(f"| {title}, bit-serial | {tp + td:.0f} | {tp:.0f} | "
-                    f"{fp32 / (tp + td):.2f}x | {times['fp32 ort'] / (tp + td):.2f}x | "
-                    f"{times['int8'] / (tp + td):.2f}x |")
+        row(f"{title}, bit-serial", tp + td, f"{tp:.0f}")
     return rows
 
 
@@ -299,6 +320,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=HERE / "subbyte.md")
+    p.add_argument("--fp32-trials", type=int, default=0,
+                   help="also tune TVM's fp32 convolution with MetaSchedule for this many "
+                        "trials (records kept under benchmarks/records/, resumable)")
     args = p.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -338,9 +362,7 @@ def main(argv=None) -> int:
         "`vpmovmskb`; portable: `bitpack_im2col_kernel`, bit by bit) plus the popcount "
         "dense; int8: the VNNI direct convolution on a pre-padded input.",
         "",
-        "| kernel | us | of which packing | vs fp32 TVM | vs fp32 ORT | vs int8 |",
-        "|---|---:|---:|---:|---:|---:|",
-        *bitserial_conv_rows(target, rng),
+        *bitserial_conv_rows(target, rng, args.fp32_trials),
         "",
         "Binary rows: activations are -1/+1 codes (`QuantSpec.binary()`), the packing takes "
         "their sign bits, and the zero padding is corrected afterwards by a constant (not "
