@@ -365,10 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bops-budget", metavar="BUDGET", help="e.g. 0.5x-int8 or 2G")
     p.add_argument("--precisions", default="float,int8,int4", metavar="LIST",
                    help="candidate precisions per layer (default: float,int8,int4)")
-    p.add_argument("--sensitivity", default="kl", choices=["kl", "kl-int8", "hessian"],
+    p.add_argument("--sensitivity", default="kl",
+                   choices=["kl", "kl-int8", "measured", "hessian"],
                    help="sensitivity measure: kl (only that layer quantized, ZeroQ), kl-int8 "
-                        "(the change from uniform int8, other layers int8), hessian "
-                        "(HAWQ-V2 trace) (default: kl)")
+                        "(the change from uniform int8, other layers int8), measured (the "
+                        "same through the real pipeline: one build per layer and precision, "
+                        "slow), hessian (HAWQ-V2 trace) (default: kl)")
     p.add_argument("--sensitivity-samples", type=_positive_int, default=4, metavar="N",
                    help="calibration samples used for sensitivity (default: 4)")
     p.add_argument("--latency-table", metavar="FILE",

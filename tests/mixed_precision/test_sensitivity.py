@@ -240,3 +240,32 @@ def test_differentiable_form_squeeze_and_layer_norm():
     tvm.ir.assert_structural_equal(after, one_input_module(expected, (1, 3, 6)))
     x = np.random.default_rng().normal(0, 2, (1, 3, 6)).astype("float32")
     np.testing.assert_allclose(run_module(after, x), run_module(mod, x), rtol=1e-5, atol=1e-5)
+
+
+def test_measured_sensitivity_goes_through_the_real_pipeline(tmp_path, monkeypatch):
+    """``measured``: each value is the divergence of the really quantized and built model
+    (that layer changed, the rest int8) minus uniform int8's; cached."""
+    mod, calib, samples = small_convnet(), random_inputs(4), random_inputs(2, seed=7)
+    names, precisions = ["conv2d_0", "matmul_0"], ["float", "int8", "int4"]
+    cache = S.SensitivityCache(tmp_path / "sens.json")
+    sens = S.measured_sensitivity(mod, names, calib, samples, precisions, progress=False,
+                                  cache=cache)
+    assert set(sens) == set(names) and all(row["int8"] == 0.0 for row in sens.values())
+    from tvmquant.passes import canonicalize_pipeline
+
+    from tvmquant.mixed_precision.layers import assignment_config
+
+    float_ex = tvmquant.build(canonicalize_pipeline()(mod), "llvm")
+
+    def divergence(assignment):
+        ex = tvmquant.build(tvmquant.quantize(mod, calib, assignment_config(assignment),
+                                              progress=False), "llvm")
+        return np.mean([S.output_divergence(tvmquant.run(float_ex, [x["x"]]),
+                                            tvmquant.run(ex, [x["x"]])) for x in samples])
+
+    assert sens["conv2d_0"]["int4"] == pytest.approx(
+        divergence({"conv2d_0": "int4"}) - divergence({}), rel=1e-6, abs=1e-12)
+    assert sens["matmul_0"]["float"] < 0  # the output layer in float: closer to float
+    monkeypatch.setattr(tvmquant.api, "build", lambda *a, **k: pytest.fail("rebuilt"))
+    assert S.measured_sensitivity(mod, names, calib, samples, precisions, progress=False,
+                                  cache=S.SensitivityCache(tmp_path / "sens.json")) == sens

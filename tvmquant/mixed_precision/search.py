@@ -34,11 +34,12 @@ from .sensitivity import (
     hessian_sensitivity,
     hutchinson_traces,
     kl_sensitivity,
+    measured_sensitivity,
 )
 
 logger = logging.getLogger(__name__)
 
-SENSITIVITIES = ("kl", "kl-int8", "hessian")
+SENSITIVITIES = ("kl", "kl-int8", "measured", "hessian")
 
 
 @dataclass
@@ -99,11 +100,13 @@ def search(
         ``"4MB"``, ``"2G"``; plain numbers are ms, bytes, BOPs). At least one.
     precisions : sequence of str
         Candidates per layer, among ``float``, ``int8``, ``int4``.
-    sensitivity : ``"kl"``, ``"kl-int8"`` or ``"hessian"``
+    sensitivity : ``"kl"``, ``"kl-int8"``, ``"measured"`` or ``"hessian"``
         ZeroQ-style output divergence with only that layer quantized (``kl``) or as the
-        change from uniform int8 with the other layers int8 (``kl-int8``), or HAWQ-V2's
-        Hessian trace times the weight perturbation (Hutchinson, ``hessian_vectors``
-        vectors).
+        change from uniform int8 with the other layers int8 (``kl-int8``), both on one
+        compiled float module; the same change measured through the real pipeline, one
+        calibration and build per layer and precision (``measured``: slow, and the
+        faithful one); or HAWQ-V2's Hessian trace times the weight perturbation
+        (Hutchinson, ``hessian_vectors`` vectors).
     latency_table : LatencyTable or path, optional
         The table of measured layer latencies to use and extend (e.g.
         ``~/.cache/tvmquant/latency.json``); in memory if not given.
@@ -165,7 +168,10 @@ def search(
     # calibration split have no text at all, and a blank page measures nothing)
     step = max(1, len(samples) // sensitivity_samples)
     sens_samples = samples[::step][:sensitivity_samples]
-    if sensitivity in ("kl", "kl-int8"):
+    if sensitivity == "measured":
+        sens = measured_sensitivity(mod, names, samples, sens_samples, precisions, base=base,
+                                    target=tgt, progress=progress, cache=sens_cache)
+    elif sensitivity in ("kl", "kl-int8"):
         sens = kl_sensitivity(float_mod, sources, sens_samples, precisions, target=tgt,
                               progress=progress, cache=sens_cache,
                               context="int8" if sensitivity == "kl-int8" else "float")

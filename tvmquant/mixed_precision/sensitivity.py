@@ -12,6 +12,12 @@ Two measures, both against the float model's own outputs on calibration data:
     the measure is the change from the uniform int8 model's divergence: what moving one
     layer off int8 costs (or, for float, gains) where errors of the other layers are
     already there to compound with.
+``measured``
+    The real thing, slowly: quantize the model through the whole pipeline (calibration,
+    integer lowering, build) with that one layer at that precision and every other layer
+    int8, run it, and take the divergence minus the uniform int8 model's. Catches what the
+    lifted module does not model (a float layer changes how its neighbours are quantized);
+    one calibration and build per layer and precision (:func:`measured_sensitivity`).
 ``hessian`` (HAWQ-V2)
     ``Omega = Tr(H) / n * ||Q(W) - W||^2`` with ``H`` the Hessian of the loss
     ``0.5 * mean((f(x; W) - f(x; W_float))^2)`` with respect to the layer's ``n`` weights,
@@ -268,6 +274,53 @@ def kl_sensitivity(float_mod: tvm.IRModule, sources: Sequence[LayerSource],
     return out
 
 
+def measured_sensitivity(mod: tvm.IRModule, names: Sequence[str],
+                         calibration: Sequence[dict], samples: Sequence[dict],
+                         precisions: Sequence[str], *, base=None, target="llvm",
+                         progress: bool = True, cache: SensitivityCache | None = None
+                         ) -> dict[str, dict[str, float]]:
+    """``{layer: {precision: divergence - uniform int8's}}`` through the real pipeline.
+
+    Each (layer, precision) other than int8 is quantized with
+    :func:`~tvmquant.mixed_precision.layers.assignment_config` (``base`` elsewhere),
+    calibrated on ``calibration``, built for ``target`` and run on ``samples``; the value is
+    its mean :func:`output_divergence` from the float model minus the uniform int8
+    model's (int8 is 0; negative means closer to float than uniform int8).
+    """
+    from tqdm.auto import tqdm
+
+    from ..api import build, quantize, run
+    from ..calibration.runner import check_sample, input_signature
+    from ..passes import canonicalize_pipeline
+    from .layers import assignment_config
+
+    key = "measured-" + _cache_key(mod, list(calibration) + list(samples), {
+        "precisions": list(precisions), "names": list(names),
+        "base": repr(base), "target": str(target)})
+    if cache is not None and (hit := cache.get(key)) is not None and set(hit) >= set(names):
+        return hit
+    signature = input_signature(mod)
+    feeds = [check_sample(s, signature, i) for i, s in enumerate(samples)]
+    float_ex = build(canonicalize_pipeline()(mod), target)
+    refs = [run(float_ex, x) for x in feeds]
+
+    def divergence(assignment):
+        q = quantize(mod, calibration, assignment_config(assignment, base), progress=False)
+        ex = build(q, target)
+        return float(np.mean([output_divergence(ref, run(ex, x))
+                              for x, ref in zip(feeds, refs)]))
+
+    uniform = divergence({})
+    out = {name: {"int8": 0.0} for name in names}
+    work = [(n, p) for n in names for p in precisions if p != "int8"]
+    for name, precision in tqdm(work, desc="sensitivity (measured)", unit="build",
+                                disable=not progress):
+        out[name][precision] = divergence({name: precision}) - uniform
+    if cache is not None:
+        cache.put(key, out)
+    return out
+
+
 def loss_module(float_mod: tvm.IRModule, sources: Sequence[LayerSource]) -> tvm.IRModule:
     """``main_loss(*inputs, *refs, *weights) = 0.5 * mean((f - ref)^2)`` and its adjoint."""
     lifted = DifferentiableForm()(lift_weights(float_mod, sources))
@@ -371,4 +424,4 @@ def hessian_sensitivity(traces: dict[str, float], sources: Sequence[LayerSource]
 
 __all__ = ["SensitivityCache", "fake_quant_weight", "hessian_sensitivity",
            "hutchinson_traces", "kl_sensitivity", "lift_weights", "loss_module",
-           "output_divergence"]
+           "measured_sensitivity", "output_divergence"]
