@@ -20,9 +20,10 @@
 
 The kernel streams 8 words (512 bits) per load and counts them with one vector popcount
 (``vpopcntq`` with AVX-512 VPOPCNTDQ; LLVM expands it into shuffles on AVX2 and into
-``cnt`` + pairwise adds on ARM NEON), one accumulator per pair of planes, summed at the end.
-``K`` is padded with zero bits to a multiple of 512 by :func:`bitpack` (zero bits add
-nothing in every mode: ``0 & x = 0``, ``0 ^ 0 = 0``). The per-channel scale (XNOR-Net's
+``cnt`` + pairwise adds on ARM NEON), the words past the last full 512 bits in vectors of
+4, 2 and 1 words (a 576-bit row reads 9 words, not 16), summed at the end. ``K`` is padded
+with zero bits to a multiple of 64 by :func:`bitpack` (zero bits add nothing in every
+mode: ``0 & x = 0``, ``0 ^ 0 = 0``). The per-channel scale (XNOR-Net's
 ``alpha``) and the requantization are applied outside, on the int32 result.
 """
 
@@ -39,14 +40,15 @@ MAX_UNROLLED_CHUNKS = 16  # up to 8192 bits per row: one expression, no accumula
 
 
 def padded_words(k: int) -> int:
-    return -(-k // (WORD * CHUNK)) * CHUNK
+    """64-bit words per row of ``k`` bits."""
+    return -(-k // WORD)
 
 
 def bitpack(x: np.ndarray, bits: int) -> np.ndarray:
     """``x[R, K]`` integers -> bit planes ``[bits, R, words]`` uint64 (bit ``b`` of ``x``).
 
     Negative values contribute their two's-complement bits (``bits`` of them). ``K`` is padded
-    with zeros to a multiple of 512 bits.
+    with zeros to a multiple of 64 bits.
     """
     x = np.asarray(x)
     if x.ndim != 2:
@@ -100,6 +102,12 @@ def bitserial_dense(m: int, n: int, k: int, *, mode: str = "unipolar", abits: in
         raise ValueError("abits and wbits must be between 1 and 8")
     words = padded_words(k)
     chunks = words // CHUNK
+    # the words past the last full chunk, in vectors of 4, 2 and 1 words
+    pieces, at = [], chunks * CHUNK
+    for lanes in (4, 2, 1):
+        if words - at >= lanes:
+            pieces.append((at, lanes))
+            at += lanes
     pairs = [(i, j) for i in range(abits) for j in range(wbits)] \
         if mode in ("unipolar", "bipolar") else [(0, 0)] if mode == "xnor" else [(0, 0), (0, 1)]
     n_acc = len(pairs)
@@ -114,11 +122,15 @@ def bitserial_dense(m: int, n: int, k: int, *, mode: str = "unipolar", abits: in
         d = -(1 << j) if (wbits > 1 and j == wbits - 1) else 1 << j
         return (1 << i) * d
 
-    def term(a_buf, w_buf, r, col, c, p):
-        """popcount term of plane pair ``p`` for row ``r``, output ``col``, chunk ``c``."""
+    def load(buf, plane, row, word, lanes):
+        return buf.vload([plane, row, word], f"uint64x{lanes}") if lanes > 1 else \
+            buf[plane, row, word]
+
+    def term(a_buf, w_buf, r, col, word, lanes, p):
+        """popcount term of plane pair ``p`` for row ``r``, output ``col``, ``lanes`` words
+        from ``word``."""
         i, j = pairs[p]
-        av = a_buf.vload([i, r, c * CHUNK], "uint64x8")
-        wv = w_buf.vload([j, col, c * CHUNK], "uint64x8")
+        av, wv = load(a_buf, i, r, word, lanes), load(w_buf, j, col, word, lanes)
         if mode == "unipolar":
             bits = T.bitwise_and(av, wv)
         elif mode in ("xnor", "bipolar"):
@@ -126,35 +138,50 @@ def bitserial_dense(m: int, n: int, k: int, *, mode: str = "unipolar", abits: in
         elif j == 0:  # ternary: popcount(nonzero)
             bits = wv
         else:
-            nz = w_buf.vload([0, col, c * CHUNK], "uint64x8")
-            bits = T.bitwise_and(nz, T.bitwise_xor(av, wv))
-        return T.Cast("int64x8", T.popcount(bits)) * T.broadcast(T.int64(coef(i, j)), 8)
+            bits = T.bitwise_and(load(w_buf, 0, col, word, lanes), T.bitwise_xor(av, wv))
+        if lanes == 1:
+            return T.Cast("int64", T.popcount(bits)) * T.int64(coef(i, j))
+        return T.Cast(f"int64x{lanes}", T.popcount(bits)) * \
+            T.broadcast(T.int64(coef(i, j)), lanes)
+
+    def words_sum(a_buf, w_buf, r, col, word, lanes):
+        """All plane pairs over ``lanes`` words, weighted (unrolled in the IR)."""
+        total = term(a_buf, w_buf, r, col, word, lanes, 0)
+        for p in range(1, n_acc):
+            total = total + term(a_buf, w_buf, r, col, word, lanes, p)
+        return total
 
     def chunk_sum(a_buf, w_buf, r, col, c):
-        """All plane pairs of one 512-bit chunk, weighted (built here, unrolled in the IR)."""
-        total = term(a_buf, w_buf, r, col, c, 0)
-        for p in range(1, n_acc):
-            total = total + term(a_buf, w_buf, r, col, c, p)
-        return total
+        return words_sum(a_buf, w_buf, r, col, c * CHUNK, CHUNK)
 
     base = k if mode == "xnor" else \
         k * ((1 << abits) - 1) * ((1 << wbits) - 1) if mode == "bipolar" else 0
     wplanes = wbits
 
-    def hsum(vec):
-        """The 8 int64 lanes of ``vec`` summed (``llvm.vector.reduce.add``)."""
+    def hsum(vec, lanes=CHUNK):
+        """The ``lanes`` int64 lanes of ``vec`` summed (``llvm.vector.reduce.add``)."""
+        if lanes == 1:
+            return vec
         return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.vector.reduce.add"),
                                        vec, dtype="int64")
+
+    def tail_sum(a_buf, w_buf, r, col):
+        total = T.int64(0)
+        for word, lanes in pieces:
+            total = total + hsum(words_sum(a_buf, w_buf, r, col, word, lanes), lanes)
+        return total
 
     if chunks <= MAX_UNROLLED_CHUNKS:
         # The whole row as one expression: no accumulator buffer (a local buffer inside the
         # parallel loop is a workspace allocation per output), a balanced sum for LLVM.
         def row_sum(a_buf, w_buf, r, col):
             parts = [chunk_sum(a_buf, w_buf, r, col, c) for c in range(chunks)]
+            if not parts:
+                return tail_sum(a_buf, w_buf, r, col)
             while len(parts) > 1:
                 parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i]
                          for i in range(0, len(parts), 2)]
-            return parts[0]
+            return hsum(parts[0]) + tail_sum(a_buf, w_buf, r, col)
 
         @T.prim_func(s_tir=True)
         def dense(
@@ -168,7 +195,7 @@ def bitserial_dense(m: int, n: int, k: int, *, mode: str = "unipolar", abits: in
                     with T.sblock("row"):
                         T.reads(A[0:abits, r, 0:words], W[0:wplanes, col, 0:words])
                         T.writes(C[r, col])
-                        C[r, col] = T.int32(base) + T.Cast("int32", hsum(row_sum(A, W, r, col)))
+                        C[r, col] = T.int32(base) + T.Cast("int32", row_sum(A, W, r, col))
 
         return tvm.IRModule({"main": dense})
 
@@ -188,7 +215,8 @@ def bitserial_dense(m: int, n: int, k: int, *, mode: str = "unipolar", abits: in
                     acc[T.ramp(0, 1, 8)] = T.broadcast(T.int64(0), 8)
                     for c in range(chunks):
                         acc[T.ramp(0, 1, 8)] = acc[T.ramp(0, 1, 8)] + chunk_sum(A, W, r, col, c)
-                    C[r, col] = T.int32(base) + T.Cast("int32", hsum(acc[T.ramp(0, 1, 8)]))
+                    C[r, col] = T.int32(base) + T.Cast(
+                        "int32", hsum(acc[T.ramp(0, 1, 8)]) + tail_sum(A, W, r, col))
 
     return tvm.IRModule({"main": dense_long})
 

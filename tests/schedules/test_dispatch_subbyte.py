@@ -115,7 +115,7 @@ def test_bitserial_structure():
         dense = add(bitserial_dense(2, 5, 70, mode="unipolar", abits=2, wbits=2),
                     "tvmquant_x86_bitserial_1")
         flat = bb.emit(relax.op.reshape(a, (2, 70)))
-        planes = bb.emit(relax.call_tir(pack, [flat], relax.TensorType((2, 2, 8), "uint64")))
+        planes = bb.emit(relax.call_tir(pack, [flat], relax.TensorType((2, 2, 2), "uint64")))
         out = bb.emit(relax.call_tir(dense, [planes, relax.const(bitpack(w.T, 2), "uint64")],
                                      relax.TensorType((2, 5), "int32")))
         return relax.op.reshape(out, (2, 5))
