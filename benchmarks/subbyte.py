@@ -303,6 +303,9 @@ def _ort_conv_us(wf: np.ndarray, x: np.ndarray) -> float:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(os.environ.get("TVM_NUM_THREADS", "2"))
+    # no spinning threads left behind to slow the TVM kernels timed after this
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    time.sleep(1.0)  # and TVM's own pool gone idle before this is timed
     sess = ort.InferenceSession(model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
     feed = {"x": x}
