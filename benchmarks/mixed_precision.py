@@ -96,7 +96,7 @@ def run_model(kind: str, args, table_path: Path, lines: list[str]) -> None:
             choices[measure] = r.assignment
             if measure == measures[0]:
                 first = r
-                mp.write_plots(r, HERE, f"mixed-{kind}-{tag}")
+                mp.write_plots(r, HERE, f"{args.plot_prefix}-{kind}-{tag}")
         r = first
         names = list(r.assignment)
         limit = r.report["budgets"][0]["limit"]
@@ -127,7 +127,8 @@ def run_model(kind: str, args, table_path: Path, lines: list[str]) -> None:
                      f"{'/'.join(precisions)}\n")
         took = ", ".join(f"{search_s[m]:.0f} s ({m})" for m in measures)
         lines.append(f"Search (latency table + sensitivity + ILP + build) took {took}; "
-                     f"`mixed-{kind}-{tag}-pareto.png`, `mixed-{kind}-{tag}-sensitivity.png` "
+                     f"`{args.plot_prefix}-{kind}-{tag}-pareto.png`, "
+                     f"`{args.plot_prefix}-{kind}-{tag}-sensitivity.png` "
                      f"({measures[0]}). Total sensitivity is by the {measures[0]} measure.\n")
         metric_keys = list(_score(kind, ds, ref[:1], ref[:1]))
         lines.append("| assignment | float/int8/int4 layers | weights MB | predicted ms | "
@@ -164,6 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sensitivities", default="kl,kl-int8",
                         help="sensitivity measures, one ILP row each (default: kl,kl-int8)")
     parser.add_argument("--scenarios", default="A,B", help="A (latency), B (size)")
+    parser.add_argument("--plot-prefix", default="mixed",
+                        help="file name prefix of the plots (default: mixed)")
     parser.add_argument("--out", default=str(HERE / "mixed_precision.md"))
     parser.add_argument("--table", default=str(HERE / "records" / "latency.json"),
                         help="latency table (kept between runs)")
