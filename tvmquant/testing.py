@@ -16,16 +16,20 @@ import tvm
 from tvm import relax
 
 
+def _normal_consts(rng):
+    """``const(*shape, scale=0.3)``: a float32 constant drawn from N(0, scale)."""
+    def const(*shape, scale=0.3):
+        return relax.const(rng.normal(0, scale, shape).astype("float32"))
+    return const
+
+
 def small_convnet(seed: int = 0, channels: int = 8, size: int = 12,
                   with_bn: bool = False) -> tvm.IRModule:
     """conv-bias-relu -> [bn] -> conv-bias -> residual add -> relu -> maxpool -> hard-swish
     -> global mean -> flatten -> dense. Input ``x``: (1, 3, size, size) float32."""
     rng = np.random.default_rng(seed)
     c = channels
-
-    def const(*shape, scale=0.3):
-        return relax.const(rng.normal(0, scale, shape).astype("float32"))
-
+    const = _normal_consts(rng)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 3, size, size), "float32"))
     with bb.function("main", [x], attrs={"num_input": 1}):
@@ -72,10 +76,7 @@ def binary_convnet(seed: int = 0, channels: int = 64, size: int = 12) -> tvm.IRM
     outputs). Input ``x``: (1, 3, size, size)."""
     rng = np.random.default_rng(seed)
     c = channels
-
-    def const(*shape, scale=0.3):
-        return relax.const(rng.normal(0, scale, shape).astype("float32"))
-
+    const = _normal_consts(rng)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 3, size, size), "float32"))
     with bb.function("main", [x], attrs={"num_input": 1}):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tvm
 from tvm import relax
+from tvmquant.schedules.pipeline import build_pipeline
 from tvmquant.schedules.x86.bitserial_dense import (
     bitpack,
     bitpack_conv_nhwc_kernel,
@@ -177,16 +178,27 @@ def test_bitserial_conv_in_a_convnet(packing):
     after = DispatchSubByte()(q.mod)
     relax.analysis.well_formed(after)
     assert list(after["main"].attrs["tvmquant.subbyte_kernels"]) == ["bitserial conv a2w2"]
-    if packing == "nhwc-avx2":
-        if not _cpu_has("avx2"):
-            pytest.skip("this CPU has no AVX2 (avx2 not in /proc/cpuinfo)")
-        target = "x86-avx2"
-    else:
-        target = {"kind": "llvm", "mcpu": "generic"}  # no AVX2: the portable packing
-    lowered = tvmquant.schedules.pipeline.build_pipeline(tvmquant.resolve_target(target))(q.mod)
+    target = _packing_target(packing)
+    lowered = build_pipeline(tvmquant.resolve_target(target))(q.mod)
     kernels = [gv.name_hint for gv in lowered.functions]
     assert any(("bitpack_nhwc" if packing == "nhwc-avx2" else "bitpack_im2col") in k
                for k in kernels), kernels
+    _assert_same_as_plain_build(q, target)
+
+
+def _packing_target(packing: str):
+    """The target that makes the dispatch pick this packing (skips without AVX2)."""
+    if packing == "nhwc-avx2":
+        if not _cpu_has("avx2"):
+            pytest.skip("this CPU has no AVX2 (avx2 not in /proc/cpuinfo)")
+        return "x86-avx2"
+    return {"kind": "llvm", "mcpu": "generic"}  # no AVX2: the portable packing
+
+
+def _assert_same_as_plain_build(q, target):
+    """The model on ``target``'s kernels equals TVM's default kernels, fresh inputs."""
+    from tvmquant.testing import random_inputs
+
     fast = relax.VirtualMachine(tvmquant.build(q.mod, target), tvm.cpu())
     plain = relax.VirtualMachine(tvmquant.build(q.mod, "llvm", kernels=False,
                                                 schedules=False), tvm.cpu())
@@ -264,19 +276,7 @@ def test_binary_network_runs_xnor_and_ternary_kernels(packing):
     relax.analysis.well_formed(after)
     assert list(after["main"].attrs["tvmquant.subbyte_kernels"]) == \
         ["xnor conv", "ternary conv", "xnor dense"]
-    if packing == "nhwc-avx2":
-        if not _cpu_has("avx2"):
-            pytest.skip("this CPU has no AVX2 (avx2 not in /proc/cpuinfo)")
-        target = "x86-avx2"
-    else:
-        target = {"kind": "llvm", "mcpu": "generic"}
-    fast = relax.VirtualMachine(tvmquant.build(q.mod, target), tvm.cpu())
-    plain = relax.VirtualMachine(tvmquant.build(q.mod, "llvm", kernels=False,
-                                                schedules=False), tvm.cpu())
-    for x in random_inputs(3, seed=np.random.default_rng().integers(1 << 30)):
-        x = tvm.runtime.tensor(x["x"])
-        np.testing.assert_allclose(fast["main"](x).numpy(), plain["main"](x).numpy(),
-                                   rtol=1e-6, atol=0)
+    _assert_same_as_plain_build(q, _packing_target(packing))
 
 
 @pytest.mark.parametrize("packing", ["nhwc-avx2", "im2col"])
@@ -357,7 +357,7 @@ def test_binary_network_cross_compiles_for_arm_neon():
 
     arm = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
     q = tvmquant.quantize(binary_convnet(), random_inputs(4), _binary_config(), progress=False)
-    lowered = tvmquant.schedules.pipeline.build_pipeline(tvmquant.resolve_target(arm))(q.mod)
+    lowered = build_pipeline(tvmquant.resolve_target(arm))(q.mod)
     kernels = [gv.name_hint for gv in lowered.functions]
     assert any("bitpack_im2col" in k for k in kernels), kernels
     assert not any("bitpack_nhwc" in k for k in kernels), kernels
