@@ -17,6 +17,7 @@ from tvmquant.schedules.x86.bitserial_dense import (
     bitpack_im2col_kernel,
     bitpack_kernel,
     bitserial_dense,
+    conv_output_size,
     pack_conv_weight_nhwc,
     padded_words,
 )
@@ -209,6 +210,29 @@ def _assert_same_as_plain_build(q, target):
                                    rtol=1e-6, atol=0)
 
 
+def _conv_reference(a, wt, s, pad):
+    """Direct NumPy convolution of NCHW ``a`` by OIHW ``wt`` with zero padding, int64."""
+    n, _, h, w = a.shape
+    o, _, kh, kw = wt.shape
+    ho, wo = conv_output_size(h, w, kh, kw, s, pad)
+    ap = np.pad(a.astype(np.int64), ((0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])))
+    ref = np.zeros((n, o, ho, wo), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = ap[:, :, i:i + s * ho:s, j:j + s * wo:s]
+            ref += np.einsum("nchw,oc->nohw", patch, wt[:, :, i, j].astype(np.int64))
+    return ref
+
+
+def _nhwc_channels_padded(a):
+    """NCHW codes as NHWC with channels zero-padded to 64: (data, padded channels)."""
+    n, c, h, w = a.shape
+    cp = -(-c // 64) * 64
+    data = np.zeros((n, h, w, cp), a.dtype)
+    data[..., :c] = a.transpose(0, 2, 3, 1)
+    return data, cp
+
+
 @pytest.mark.parametrize("packing", ["nhwc-avx2", "im2col"])
 @pytest.mark.parametrize("shape", [(1, 5, 7, 9, 6, 3, 3, 1, (1, 1, 1, 1), 2, 2),
                                    (2, 70, 8, 8, 4, 3, 3, 2, (1, 0, 1, 0), 1, 2),
@@ -220,13 +244,11 @@ def test_bitserial_conv_exact(shape, packing):
     rng = np.random.default_rng()
     a = rng.integers(0, 1 << ab, (n, c, h, w)).astype(np.uint8)
     wt = rng.integers(-(1 << (wb - 1)), 1 << (wb - 1), (o, c, kh, kw)).astype(np.int8)
-    ho, wo = (h + pad[0] + pad[2] - kh) // s + 1, (w + pad[1] + pad[3] - kw) // s + 1
+    ho, wo = conv_output_size(h, w, kh, kw, s, pad)
     if packing == "nhwc-avx2":
         if not _cpu_has("avx2"):
             pytest.skip("this CPU has no AVX2 (avx2 not in /proc/cpuinfo): vpmovmskb")
-        cp = -(-c // 64) * 64
-        data = np.zeros((n, h, w, cp), np.uint8)
-        data[..., :c] = a.transpose(0, 2, 3, 1)
+        data, cp = _nhwc_channels_padded(a)
         k = kh * kw * cp
         pack = tvm.compile(bitpack_conv_nhwc_kernel(n, h, w, cp, kh, kw, s, pad, ab), TARGET)
         wplanes = pack_conv_weight_nhwc(wt, wb)
@@ -239,14 +261,8 @@ def test_bitserial_conv_exact(shape, packing):
     dense = tvm.compile(bitserial_dense(n * ho * wo, o, k, abits=ab, wbits=wb), TARGET)
     out = tvm.runtime.tensor(np.zeros((n * ho * wo, o), np.int32))
     dense.mod["main"](planes, tvm.runtime.tensor(wplanes), out)
-    ap = np.pad(a.astype(np.int64), ((0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])))
-    ref = np.zeros((n, o, ho, wo), np.int64)
-    for i in range(kh):
-        for j in range(kw):
-            patch = ap[:, :, i:i + s * ho:s, j:j + s * wo:s]
-            ref += np.einsum("nchw,oc->nohw", patch, wt[:, :, i, j].astype(np.int64))
     np.testing.assert_array_equal(out.numpy().reshape(n, ho, wo, o).transpose(0, 3, 1, 2),
-                                  ref)
+                                  _conv_reference(a, wt, s, pad))
 
 
 def _binary_config():
@@ -294,14 +310,12 @@ def test_sign_conv_exact(shape, mode, packing):
         np.where(rng.random((o, c, kh, kw)) < 0.5, -1, 1)
     wt = wt.astype(np.int8)
     assert sign_mode(wt) == mode
-    ho, wo = (h + pad[0] + pad[2] - kh) // s + 1, (w + pad[1] + pad[3] - kw) // s + 1
+    ho, wo = conv_output_size(h, w, kh, kw, s, pad)
     correction = padding_correction(wt, h, w, s, pad)
     if packing == "nhwc-avx2":
         if not _cpu_has("avx2"):
             pytest.skip("this CPU has no AVX2 (avx2 not in /proc/cpuinfo): vpmovmskb")
-        cp = -(-c // 64) * 64
-        data = np.zeros((n, h, w, cp), np.int8)
-        data[..., :c] = a.transpose(0, 2, 3, 1)
+        data, cp = _nhwc_channels_padded(a)
         k = kh * kw * cp
         pack = tvm.compile(bitpack_conv_nhwc_kernel(n, h, w, cp, kh, kw, s, pad, 1, "int8", 7),
                            TARGET)
@@ -319,13 +333,7 @@ def test_sign_conv_exact(shape, mode, packing):
     out = tvm.runtime.tensor(np.zeros((n * ho * wo, o), np.int32))
     dense.mod["main"](planes, tvm.runtime.tensor(wplanes), out)
     got = out.numpy().reshape(n, ho, wo, o) + correction[None]
-    ap = np.pad(a.astype(np.int64), ((0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])))
-    ref = np.zeros((n, o, ho, wo), np.int64)
-    for i in range(kh):
-        for j in range(kw):
-            patch = ap[:, :, i:i + s * ho:s, j:j + s * wo:s]
-            ref += np.einsum("nchw,oc->nohw", patch, wt[:, :, i, j].astype(np.int64))
-    np.testing.assert_array_equal(got.transpose(0, 3, 1, 2), ref)
+    np.testing.assert_array_equal(got.transpose(0, 3, 1, 2), _conv_reference(a, wt, s, pad))
 
 
 @pytest.mark.parametrize("mode", ["xnor", "ternary"])
