@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from tvm import s_tir, tirx
+from tvm.ir.expr import Call, Expr, TensorLoad
+from tvm.ir.prim.expr import BinaryOpExpr, Select
+from tvm.s_tir.dlight.base import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
+from tvm_ffi import structural_walk
+from tvm_ffi.structural import WalkResult
 
 # Below this many output elements a kernel runs on one thread: waking the pool costs more.
 MIN_PARALLEL_ELEMENTS = 4096
@@ -59,6 +64,80 @@ def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
         outer = loops[:-1]
     if total >= MIN_PARALLEL_ELEMENTS and outer:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+# A value this small (cast, offset) is cheaper to recompute than to store and load again.
+_CHEAP_OPERATIONS = 2
+
+
+def _operations(stmt) -> int:
+    """Arithmetic operations in the value a block stores (index arithmetic not counted)."""
+    count = 0
+
+    def visit(node):
+        nonlocal count
+        if isinstance(node, TensorLoad):
+            return WalkResult.SKIP
+        if isinstance(node, (BinaryOpExpr, tirx.Cast, Select, Call)):
+            count += 1
+        return WalkResult.ADVANCE
+
+    structural_walk(getattr(stmt, "value", stmt), ((Expr,), visit), order="pre")
+    return count
+
+
+def _read_expanding(sch: s_tir.Schedule, block) -> bool:
+    """Whether a consumer of ``block`` reads its output the way a resize does: through a
+    truncating division or a float computation of its indices.
+
+    Nearest-neighbour resizes read each element of their input several times; inlining an
+    expensive producer there recomputes it for every read. (Reshapes, transposes, concats,
+    pads and slices index with affine maps or floor division and modulo, one read per
+    element, and are not matched.)
+    """
+    stmt = sch.get(block)
+    if len(stmt.writes) != 1:
+        return False
+    buf = stmt.writes[0].source
+    found = False
+
+    def division(_node):
+        nonlocal found
+        found = True
+
+    def load(node):
+        if node.source.same_as(buf):
+            for idx in node.indices:
+                structural_walk(idx, ((tirx.Div, tirx.Cast), division))
+
+    for consumer in sch.get_consumers(block):
+        structural_walk(sch.get(consumer).body, ((TensorLoad,), load))
+    return found
+
+
+def inline_except_expanding(sch: s_tir.Schedule, infos: list) -> list:
+    """DLight's ``try_inline``, except that a block whose output an upsampling reads (see
+    :func:`_read_expanding`) stays materialized when its value is not trivial, so that it is
+    computed once per element instead of once per read; returns the remaining blocks."""
+    kept, rest = [], []
+    for info in infos:
+        (kept if _read_expanding(sch, info.block_rv) else rest).append(info)
+    if not kept:
+        return try_inline(sch, infos)
+    rest = try_inline(sch, rest)
+    # producers were inlined into the kept blocks: now the cheap ones may go too
+    remaining = []
+    for info in kept:
+        value = sch.get(info.block_rv).body
+        if _operations(value) <= _CHEAP_OPERATIONS:
+            try:
+                sch.compute_inline(info.block_rv)
+                continue
+            except Exception:
+                pass
+        remaining.append(info)
+    order = {id(i): n for n, i in enumerate(infos)}
+    return sorted(remaining + rest, key=lambda i: order[id(i)])
 
 
 class InPlaceRule(CPUScheduleRule):

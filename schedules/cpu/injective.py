@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from tvm import s_tir
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import try_inline
 from tvm.target import Target
 
-from ._common import InPlaceRule, parallel_vectorize, vector_lanes
+from ._common import InPlaceRule, inline_except_expanding, parallel_vectorize, vector_lanes
 
 
 class Injective(InPlaceRule):
     """Inline what inlines; each remaining block: outer loops parallel, inner vectorized.
+
+    A non-trivial block read through an upsampling (index divisions) is not inlined into it:
+    it is computed at its own resolution, once (:func:`._common.inline_except_expanding`).
 
     Applies to kernels whose blocks are all spatial (no reduction); returns ``None``
     otherwise, and for kernels with symbolic shapes.
@@ -22,7 +24,7 @@ class Injective(InPlaceRule):
         infos = normalize_prim_func(sch)
         if not infos or not all(b.is_injective() for b in infos):
             return False
-        infos = try_inline(sch, infos)
+        infos = inline_except_expanding(sch, infos)
         lanes = vector_lanes(target)
         for info in infos:
             parallel_vectorize(sch, info.block_rv, lanes)

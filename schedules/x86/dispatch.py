@@ -7,7 +7,11 @@ right_shift(shift) -> add(zp) -> clip(lo, hi) -> astype(u8|s8|s16)``, each value
 
 Each such chain becomes one ``R.call_tir`` of a scheduled, tensorized kernel with the weights
 packed once at compile time (``[O/16, K/4, 16, 4]``) and the bias, requantization and clamp
-fused into its epilogue (:mod:`.int8_conv2d`, :mod:`.int8_dense`). What does not match
+fused into its epilogue (:mod:`.int8_conv2d`, :mod:`.int8_dense`). Two neighbours join the
+kernel too: a 16-bit lookup table after the chain (``astype(int32) -> subtract(c) ->
+take(const table, mode="clip")``, the integer hard-swish, sigmoid, ...) runs in the epilogue,
+and a constant spatial ``nn.pad`` before a convolution runs in the kernel's input re-layout,
+so neither costs a pass over memory of its own. What does not match
 (depthwise or grouped convolutions, dilation, signed activations, batched matmuls) is left
 to TVM's default kernels. A transposed convolution whose stride equals its kernel (the
 upsampling heads of detectors) is a matmul followed by a depth-to-space, and runs as one.
@@ -65,9 +69,52 @@ class _Match:
         self.bias, self.m0, self.shift = bias, m0, shift
         self.requant = Requant(zp, lo, hi, out_dtype)
         self.out_var = out_var
+        self.lut: np.ndarray | None = None
+        self.pad: tuple[tuple[int, int, int, int], int, relax.Expr] | None = None
+        """``((top, left, bottom, right), value, unpadded input)`` of a pad before a conv."""
 
 
-def _match_chains(func: relax.Function) -> dict[relax.Var, _Match]:
+def _lookup_table(m: _Match, nxt) -> relax.Var | None:
+    """Extend ``m`` (an int16 result) with ``astype(int32) -> subtract(c) -> take(table)``."""
+    widen = nxt(m.out_var, "relax.astype")
+    if widen is None or str(widen[1].attrs.dtype) != "int32":
+        return None
+    sub = nxt(widen[0], "relax.subtract")
+    if sub is None or not sub[1].args[0].same_as(widen[0]):
+        return None
+    c = _const(sub[1].args[1])
+    take = nxt(sub[0], "relax.take")
+    if c is None or c.size != 1 or take is None or not take[1].args[1].same_as(sub[0]):
+        return None
+    table = _const(take[1].args[0])
+    if table is None or table.ndim != 1 or table.dtype not in (np.uint8, np.int8) or \
+            int(take[1].attrs.axis) != 0 or str(take[1].attrs.mode) != "clip":
+        return None
+    r = m.requant
+    m.requant = Requant(r.zero_point, r.lo, r.hi, r.out_dtype, lut_size=int(table.size),
+                        lut_offset=-int(c.reshape(())), lut_dtype=str(table.dtype))
+    m.lut, m.out_var = table, take[0]
+    return take[0]
+
+
+def _spatial_pad(call) -> tuple[tuple[int, int, int, int], int] | None:
+    """``((top, left, bottom, right), value)`` of a constant uint8 pad of H and W only."""
+    if not _op(call, "relax.nn.pad") or str(call.attrs.pad_mode) != "constant":
+        return None
+    width = [int(p) for p in call.attrs.pad_width]
+    value = float(call.attrs.pad_value)
+    if len(width) != 8 or any(width[:4]) or min(width) < 0 or value != int(value) or \
+            not 0 <= value <= 255:
+        return None
+    return (width[4], width[6], width[5], width[7]), int(value)
+
+
+def _match_chains(func: relax.Function, *, lut: bool = False) -> dict[relax.Var, _Match]:
+    """Anchors and their requantization chains, keyed by the chain's last variable.
+
+    With ``lut``, a 16-bit lookup table after an int16 chain joins it (the key is then the
+    ``take``), and a conv2d reading a constant spatial pad records it in ``_Match.pad``.
+    """
     bindings = function_bindings(func)
     value = {b.var: b.value for b in bindings}
     users: dict[relax.Var, list[relax.Var]] = {}
@@ -126,10 +173,18 @@ def _match_chains(func: relax.Function) -> dict[relax.Var, _Match]:
         m0, sh = _per_channel(m0, n_out), _per_channel(sh, n_out)
         if m0 is None or sh is None or np.any(m0 >= 2**31) or np.any(sh > 62):
             continue
-        matches[chain[-1]] = _Match(
-            call, call.args[0], w, bias, m0.astype(np.int32), sh.astype(np.int32),
-            int(zp.reshape(())), int(clip.args[1].value), int(clip.args[2].value),
-            str(cast.attrs.dtype), chain[-1])
+        m = _Match(call, call.args[0], w, bias, m0.astype(np.int32), sh.astype(np.int32),
+                   int(zp.reshape(())), int(clip.args[1].value), int(clip.args[2].value),
+                   str(cast.attrs.dtype), chain[-1])
+        if lut and m.requant.out_dtype == "int16":
+            _lookup_table(m, lambda v, name: None if (u := next_of(v, name)) is None
+                          else (u, value[u]))
+        if lut and _op(call, "relax.nn.conv2d") and isinstance(call.args[0], relax.Var):
+            producer = value.get(call.args[0])
+            pad = _spatial_pad(producer) if producer is not None else None
+            if pad is not None:
+                m.pad = (*pad, producer.args[0])
+        matches[m.out_var] = m
     return matches
 
 
@@ -155,16 +210,20 @@ class _Dispatcher(relax.PyExprMutator):
         sh, sw = (int(s) for s in attrs.strides)
         if sh != sw:
             return None
-        data = self.visit_expr(m.data)
-        top, left, bottom, right = (int(p) for p in attrs.padding)
-        if top or left or bottom or right:
-            data = self.builder_.emit(relax.op.nn.pad(
-                data, [0, 0, 0, 0, top, bottom, left, right], pad_value=0.0))
+        # the kernel pads while it re-lays out its input: the conv's own (zero) padding, or
+        # the zero point padding that LowerToIntegerOnly spells as an nn.pad before it
+        pad, pad_value = tuple(int(p) for p in attrs.padding), 0
+        if m.pad is not None and not any(pad):
+            pad, pad_value, unpadded = m.pad
+            data = self.visit_expr(unpadded)
+        else:
+            data = self.visit_expr(m.data)
         n, c, h, w = static_shape(data)
         o, _, kh, kw = m.weight.shape
-        key = ("conv", n, c, h, w, o, kh, kw, sh, m.requant)
+        key = ("conv", n, c, h, w, o, kh, kw, sh, m.requant, pad, pad_value)
         gv = self._kernel(key, lambda: int8_conv2d(n, c, h, w, o, kh, kw, sh, bias=True,
-                                                   requant=m.requant))
+                                                   requant=m.requant, pad=pad,
+                                                   pad_value=pad_value))
         return gv, [data, pack_conv_weight(m.weight)]
 
     def _conv_transpose(self, m: _Match):
@@ -196,8 +255,10 @@ class _Dispatcher(relax.PyExprMutator):
                 relax.const(np.repeat(m.bias, rep), "int32"),
                 relax.const(np.repeat(m.m0, rep), "int32"),
                 relax.const(np.repeat(m.shift, rep), "int32")]
+        if m.lut is not None:
+            args.append(relax.const(m.lut))
         out = bb.emit(relax.call_tir(gv, args, relax.TensorType((n * h * w, cols),
-                                                                m.requant.out_dtype)))
+                                                                m.requant.result_dtype)))
         blocks = relax.op.reshape(out, (n, h, w, o, kh, kw))
         return relax.op.reshape(relax.op.permute_dims(blocks, [0, 3, 1, 4, 2, 5]),
                                 (n, o, h * kh, w * kw))
@@ -226,7 +287,9 @@ class _Dispatcher(relax.PyExprMutator):
                 gv, (data, packed) = picked
                 args = [data, relax.const(packed, "int8"), relax.const(m.bias, "int32"),
                         relax.const(m.m0, "int32"), relax.const(m.shift, "int32")]
-                out_ty = relax.TensorType(static_shape(binding.var), m.requant.out_dtype)
+                if m.lut is not None:
+                    args.append(relax.const(m.lut))
+                out_ty = relax.TensorType(static_shape(binding.var), m.requant.result_dtype)
                 call = relax.call_tir(gv, args, out_ty)
                 self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, call))
                 self.count += 1
@@ -243,7 +306,7 @@ class DispatchX86Int8:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         func = mod[self.func_name]
-        matches = _match_chains(func)
+        matches = _match_chains(func, lut=True)
         if not matches:
             return mod
         dispatcher = _Dispatcher(mod, matches)

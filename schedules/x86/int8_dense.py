@@ -13,9 +13,13 @@ Computes ``C[M, N] = epilogue(A[M, K] @ W^T)`` with
       acc = acc + bias[n]                                   (int32, wrapping)
       y   = (int64(acc) * m0[n] + (shift[n] > 0 ? 1 << (shift[n] - 1) : 0)) >> shift[n]
       out = cast(clip(y + zero_point, lo, hi), out_dtype)   (uint8, int8 or int16)
+      out = lut[clip(out + lut_offset, 0, lut_size - 1)]    (optional: a lookup table)
 
-PrimFunc parameters, in order: ``A, W, [bias], [m0, shift], C`` (``bias``, ``m0`` and
-``shift`` are int32 ``[N]``; ``zero_point``, ``lo``, ``hi`` are compile-time constants).
+PrimFunc parameters, in order: ``A, W, [bias], [m0, shift], [lut], C`` (``bias``, ``m0`` and
+``shift`` are int32 ``[N]``; ``zero_point``, ``lo``, ``hi`` are compile-time constants; the
+lookup table, when :class:`Requant` has one, is a 1-D input of ``lut_size`` values: the
+16-bit lookup tables of hard-swish, sigmoid, ... that ``LowerToIntegerOnly`` makes, applied
+in the epilogue instead of as a separate gather over an int16 tensor).
 
 Schedule: output tiles of ``mb`` rows x ``nb * 16`` columns, accumulated in registers
 (``mb * nb`` zmm accumulators), tiles spread over the cores with a parallel outer loop, full
@@ -94,6 +98,11 @@ class Requant:
     lo: int
     hi: int
     out_dtype: str = "uint8"  # "uint8", "int8", or "int16" (the input of a 16-bit lookup table)
+    lut_size: int = 0
+    """Entries of a lookup table applied after the clamp (0: none); the table is an input."""
+    lut_offset: int = 0
+    """Added to the clamped value to index the table (indices are then clipped to it)."""
+    lut_dtype: str = "uint8"
 
     def __post_init__(self):
         if self.out_dtype not in ("uint8", "int8", "int16"):
@@ -101,6 +110,14 @@ class Requant:
         info = np.iinfo(self.out_dtype)
         if not (info.min <= self.lo <= self.hi <= info.max):
             raise ValueError(f"clamp [{self.lo}, {self.hi}] outside {self.out_dtype}")
+        if self.lut_size < 0 or (self.lut_size and self.lut_dtype not in ("uint8", "int8")):
+            raise ValueError(f"lookup table of {self.lut_size} {self.lut_dtype} values: "
+                             "need a positive size and uint8 or int8 values")
+
+    @property
+    def result_dtype(self) -> str:
+        """The kernel's output dtype: the table's with a lookup table, else ``out_dtype``."""
+        return self.lut_dtype if self.lut_size else self.out_dtype
 
 
 def epilogue_reference(
@@ -110,8 +127,10 @@ def epilogue_reference(
     shift: np.ndarray | None = None,
     requant: Requant | None = None,
     axis: int = -1,
+    lut: np.ndarray | None = None,
 ) -> np.ndarray:
-    """NumPy reference of the fused epilogue on int32 accumulators (channels on ``axis``)."""
+    """NumPy reference of the fused epilogue on int32 accumulators (channels on ``axis``);
+    ``lut`` is the lookup table when ``requant`` has one."""
     acc = np.asarray(acc, dtype=np.int32)
     shape = [1] * acc.ndim
     shape[axis] = -1
@@ -122,13 +141,19 @@ def epilogue_reference(
         return acc
     d = Dyadic(m0=np.asarray(m0, np.int64), shift=np.asarray(shift, np.int64))
     y = requantize(acc, d, requant.zero_point, requant.lo, requant.hi, axis=axis % acc.ndim)
-    return y.astype(requant.out_dtype)
+    y = y.astype(requant.out_dtype)
+    if requant.lut_size:
+        if lut is None or lut.shape != (requant.lut_size,):
+            raise ValueError(f"need a lookup table of {requant.lut_size} values")
+        idx = np.clip(y.astype(np.int64) + requant.lut_offset, 0, requant.lut_size - 1)
+        y = np.asarray(lut)[idx].astype(requant.lut_dtype)
+    return y
 
 
 def _epilogue_params(n: int, bias: bool, requant: Requant | None, params: list):
-    """The epilogue's int32 ``[n]`` inputs (``bias``, ``m0``, ``shift``; ``None`` when not
-    used), appended to ``params`` in the kernels' parameter order."""
-    b_t = m0_t = sh_t = None
+    """The epilogue's inputs (int32 ``[n]`` ``bias``, ``m0``, ``shift`` and the lookup table;
+    ``None`` when not used), appended to ``params`` in the kernels' parameter order."""
+    b_t = m0_t = sh_t = lut_t = None
     if bias:
         b_t = te.placeholder((n,), "int32", name="bias")
         params.append(b_t)
@@ -136,10 +161,13 @@ def _epilogue_params(n: int, bias: bool, requant: Requant | None, params: list):
         m0_t = te.placeholder((n,), "int32", name="m0")
         sh_t = te.placeholder((n,), "int32", name="shift")
         params += [m0_t, sh_t]
-    return b_t, m0_t, sh_t
+        if requant.lut_size:
+            lut_t = te.placeholder((requant.lut_size,), requant.lut_dtype, name="lut")
+            params.append(lut_t)
+    return b_t, m0_t, sh_t, lut_t
 
 
-def _epilogue_expr(x, n, bias, m0, shift, requant: Requant | None):
+def _epilogue_expr(x, n, bias, m0, shift, requant: Requant | None, lut=None):
     if bias is not None:
         x = x + bias[n]
     if requant is None:
@@ -150,7 +178,15 @@ def _epilogue_expr(x, n, bias, m0, shift, requant: Requant | None):
     y = tirx.shift_right(x.astype("int64") * m0[n].astype("int64") + half, sh)
     y = y + tirx.const(requant.zero_point, "int64")
     y = tirx.max(tirx.min(y, tirx.const(requant.hi, "int64")), tirx.const(requant.lo, "int64"))
-    return y.astype(requant.out_dtype)
+    if not requant.lut_size:
+        return y.astype(requant.out_dtype)
+    # the table's index in int32; clipped only where the clamp range can leave the table
+    idx = y.astype("int32") + tirx.const(requant.lut_offset, "int32")
+    if requant.lo + requant.lut_offset < 0:
+        idx = tirx.max(idx, tirx.const(0, "int32"))
+    if requant.hi + requant.lut_offset > requant.lut_size - 1:
+        idx = tirx.min(idx, tirx.const(requant.lut_size - 1, "int32"))
+    return lut[idx]
 
 
 def _isa_intrin(isa: str) -> tuple[str, int]:
@@ -226,9 +262,10 @@ def int8_dense_compute(
         name="acc",
     )
     params = [a, w]
-    b_t, m0_t, sh_t = _epilogue_params(n, bias, requant, params)
+    b_t, m0_t, sh_t, lut_t = _epilogue_params(n, bias, requant, params)
     c = te.compute(
-        (m, n), lambda i, j: _epilogue_expr(acc[i, j], j, b_t, m0_t, sh_t, requant), name="C"
+        (m, n), lambda i, j: _epilogue_expr(acc[i, j], j, b_t, m0_t, sh_t, requant, lut_t),
+        name="C",
     )
     return te.create_prim_func([*params, c])
 

@@ -101,6 +101,18 @@ def resize_concat():
     return _module((1, 5, 17, 23), "uint8", body)
 
 
+def upsample_requant():
+    """A detector neck's step: requantize a coarse map, upsample it (nearest), concat."""
+    def body(bb, x):
+        coarse = bb.emit(relax.op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=[16, 32],
+                                                strides=[2, 2]))
+        coarse = _requant(bb, coarse, m0=98765, shift=17, zp=9)
+        up = bb.emit(relax.op.image.resize2d(coarse, (16, 32), method="nearest_neighbor"))
+        return bb.emit(relax.op.concat([x, up], axis=1))
+
+    return _module((1, 6, 16, 32), "uint8", body)
+
+
 def float_conv():
     w = relax.const(np.random.default_rng(4).standard_normal((12, 6, 3, 3)).astype("float32"))
     return _module((1, 6, 19, 25), "float32",
@@ -118,6 +130,7 @@ CASES = {
     "global-mean": global_mean,
     "lookup-table-int16": lookup_table,
     "resize-concat": resize_concat,
+    "upsample-requant": upsample_requant,
     "float-conv-relu": float_conv,
 }
 
@@ -203,6 +216,17 @@ def test_injective_structure():
     loops = _loops(sch.mod["main"])
     assert loops[0].kind == tirx.ForKind.PARALLEL
     assert loops[-1].kind == tirx.ForKind.VECTORIZED
+
+
+def test_injective_computes_an_upsampled_value_once():
+    """The requantized coarse map is materialized at its own 8x16 resolution (computed once
+    per element), not recomputed for each of the four outputs that read it."""
+    kernel = _kernel(_fused_kernels(upsample_requant()), "fused_")
+    func = Injective().apply(kernel, TARGET, False).mod["main"]
+    text = func.script()
+    assert "sblock_alloc_buffer((T.int64(1), T.int64(6), T.int64(8), T.int64(16))" in text
+    assert text.count("T.int64(98765)") == 1  # the multiplier appears in one block
+    assert _loops(func)[-1].kind == tirx.ForKind.VECTORIZED
 
 
 def test_short_rows_are_one_vector():

@@ -9,6 +9,7 @@ from tvm import relax
 from tvmquant.schedules.x86.dispatch import DispatchX86Int8, target_has_vnni
 
 import tvmquant
+from tvmquant._compat import const_value
 from tvmquant.testing import random_inputs, small_convnet
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
@@ -68,6 +69,70 @@ def test_dispatched_module_is_bit_exact(quantized):
     for sample in random_inputs(3, seed=21):
         x = tvm.runtime.tensor(sample["x"])
         np.testing.assert_array_equal(vm_a["main"](x).numpy(), vm_b["main"](x).numpy())
+
+
+def _padded_conv_with_table(lut_dtype: str = "uint8", shared_pad: bool = False):
+    """pad(zero point) -> conv2d -> requantize to int16 -> 16-bit lookup table -> conv2d,
+    as LowerToIntegerOnly writes a convolution followed by hard-swish."""
+    rng = np.random.default_rng(11)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 12, 11, 14), "uint8"))
+    info = np.iinfo(lut_dtype)
+    table = rng.integers(info.min, int(info.max) + 1, 65536).astype(lut_dtype)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            p = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 1, 1, 2, 0], pad_value=131.0))
+            y = bb.emit(relax.op.nn.conv2d(p, relax.const(rng.integers(
+                -127, 128, (20, 12, 3, 3)).astype("int8")), out_dtype="int32"))
+            y = bb.emit(relax.op.add(y, relax.const(
+                rng.integers(-9999, 9999, (1, 20, 1, 1)).astype("int32"))))
+            y = bb.emit(relax.op.astype(y, "int64"))
+            y = bb.emit(relax.op.multiply(y, relax.const(
+                rng.integers(2**30, 2**31, (1, 20, 1, 1)), "int64")))
+            y = bb.emit(relax.op.add(y, relax.const(1 << 32, "int64")))
+            y = bb.emit(relax.op.right_shift(y, relax.const(33, "int64")))
+            y = bb.emit(relax.op.add(y, relax.const(-1000, "int64")))
+            y = bb.emit(relax.op.clip(y, -32768, 32767))
+            y = bb.emit(relax.op.astype(y, "int16"))
+            y = bb.emit(relax.op.astype(y, "int32"))
+            y = bb.emit(relax.op.subtract(y, relax.const(-32768, "int32")))
+            y = bb.emit(relax.op.take(relax.const(table), y, axis=0, mode="clip"))
+            out = bb.emit_output(relax.Tuple([y, p]) if shared_pad else y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("lut_dtype", ["uint8", "int8"])
+def test_pad_and_lookup_table_join_the_kernel(lut_dtype):
+    mod = _padded_conv_with_table(lut_dtype)
+    after = DispatchX86Int8()(mod)
+    relax.analysis.well_formed(after)
+    text = after["main"].script()
+    assert _call_tir_count(after) == 1
+    for gone in ("R.nn.pad", "R.take", "R.nn.conv2d", "R.subtract", "int16"):
+        assert gone not in text, gone
+    call = next(b.value for b in after["main"].body.blocks[0].bindings
+                if getattr(b.value.op, "name", "") == "relax.call_tir")
+    x, _w, _b, _m0, _sh, table = call.args[1].fields
+    assert x.same_as(after["main"].params[0])  # the unpadded input
+    assert const_value(table).shape == (65536,)
+    assert str(call.ty.dtype) == lut_dtype
+    if not _cpu_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI (avx512_vnni not in /proc/cpuinfo)")
+    vm_a = relax.VirtualMachine(tvm.compile(after, TARGET), tvm.cpu())
+    vm_b = relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
+    for _ in range(2):
+        x = tvm.runtime.tensor(np.random.default_rng().integers(0, 256, (1, 12, 11, 14))
+                               .astype("uint8"))
+        np.testing.assert_array_equal(vm_a["main"](x).numpy(), vm_b["main"](x).numpy())
+
+
+def test_a_shared_pad_stays_for_its_other_users():
+    """The kernel pads for itself; a pad that something else reads too is still computed."""
+    after = DispatchX86Int8()(_padded_conv_with_table(shared_pad=True))
+    text = after["main"].script()
+    assert _call_tir_count(after) == 1 and "R.nn.conv2d" not in text
+    assert text.count("R.nn.pad") == 1
 
 
 def _upsample_head(o: int, requant_dtype: str):

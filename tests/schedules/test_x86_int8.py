@@ -322,6 +322,69 @@ def test_conv2d_epilogue_exact(case, rq, out_layout):
     np.testing.assert_array_equal(got, ref)
 
 
+LUT_REQUANTS = [
+    # the int16 input of a 16-bit table as LowerToIntegerOnly writes it (offset 32768) ...
+    dense.Requant(-3000, -32768, 32767, "int16", lut_size=65536, lut_offset=32768),
+    # ... and a short int8 table whose indices leave it on both sides (clipped)
+    dense.Requant(-40, -300, 500, "int16", lut_size=301, lut_offset=-50, lut_dtype="int8"),
+]
+
+
+def _table(rng, rq):
+    info = np.iinfo(rq.lut_dtype)
+    return rng.integers(info.min, int(info.max) + 1, rq.lut_size).astype(rq.lut_dtype)
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4]], ids=_conv_ids)
+@pytest.mark.parametrize("pad", [(0, 0, 0, 0), (1, 1, 1, 1), (2, 0, 1, 3)],
+                         ids=lambda p: "pad" + "".join(map(str, p)))
+@pytest.mark.parametrize("rq", LUT_REQUANTS, ids=["lut-u8-65536", "lut-i8-301"])
+def test_conv2d_pads_and_looks_up_in_the_kernel(case, pad, rq):
+    """The kernel's own padding (any value) and lookup-table epilogue, against NumPy."""
+    _need("avx512_vnni")
+    n, c, h, w, o, kh, kw, s = case
+    rng = np.random.default_rng()
+    x = rng.integers(0, 256, (n, c, h, w), dtype=np.uint8)
+    wt = rng.integers(-128, 128, (o, c, kh, kw), dtype=np.int8)
+    b, m0, sh = _epilogue_params(rng, o)
+    sh = sh - 4  # spread the accumulators over the whole int16 range
+    table, value = _table(rng, rq), int(rng.integers(0, 256))
+    ex = conv.build_int8_conv2d(n, c, h, w, o, kh, kw, s, bias=True, requant=rq, pad=pad,
+                                pad_value=value)
+    top, left, bottom, right = pad
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=value)
+    acc = conv.conv2d_reference(xp, wt, s).astype(np.int32)
+    ref = dense.epilogue_reference(acc, b, m0, sh, rq, axis=1, lut=table)
+    got = _run(ex, [x, conv.pack_conv_weight(wt), b, m0, sh, table], ref.shape,
+               rq.lut_dtype)
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("rq", LUT_REQUANTS, ids=["lut-u8-65536", "lut-i8-301"])
+def test_dense_looks_up_in_the_kernel(rq):
+    _need("avx512_vnni")
+    m, n, k = 37, 50, 70
+    rng = np.random.default_rng()
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    b, m0, sh = _epilogue_params(rng, n)
+    table = _table(rng, rq)
+    ex = dense.build_int8_dense(m, n, k, bias=True, requant=rq)
+    got = _run(ex, [a, dense.pack_weight(w, "NK"), b, m0, sh - 4, table], (m, n), rq.lut_dtype)
+    acc = (a.astype(np.int64) @ w.astype(np.int64).T).astype(np.int32)
+    np.testing.assert_array_equal(
+        got, dense.epilogue_reference(acc, b, m0, sh - 4, rq, lut=table))
+
+
+def test_lookup_table_requant_checks():
+    with pytest.raises(ValueError, match="lookup table"):
+        dense.Requant(0, -5, 5, "int16", lut_size=10, lut_dtype="int16")
+    assert dense.Requant(0, -5, 5, "int16", lut_size=10).result_dtype == "uint8"
+    assert dense.Requant(0, -5, 5, "int16").result_dtype == "int16"
+    with pytest.raises(ValueError, match="pads only NCHW"):
+        conv.int8_conv2d(1, 8, 6, 6, 16, 3, 3, 1, data_layout="NCHW4c", pad=(1, 1, 1, 1))
+
+
 # --------------------------------------------------------------------------------------------
 # in a Relax graph: R.call_tir with pre-packed constant weights
 # --------------------------------------------------------------------------------------------
