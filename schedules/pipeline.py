@@ -8,8 +8,10 @@ is the same lowering with the missing middle filled in, in phases:
    (:class:`~tvmquant.schedules.x86.dispatch_subbyte.DispatchSubByte`), then integer
    conv2d/matmul/transposed-conv chains to tvmquant's tensorized int8 kernels
    (:class:`~tvmquant.schedules.x86.dispatch.DispatchX86Int8`, on VNNI targets);
-2. *legalize and fuse*: ``LegalizeOps``, ``AnnotateTIROpPattern``, ``FoldConstant``,
-   ``FuseOps``, ``FuseTIR`` (tensorized kernels are opaque: nothing fuses into them);
+2. *legalize and fuse*: TVM's ``FastMathTransform`` (float ``exp``, ``softmax``, ``erf`` and
+   ``tanh`` as polynomials that vectorize; LLVM calls ``expf`` once per vector lane
+   otherwise), ``LegalizeOps``, ``AnnotateTIROpPattern``, ``FoldConstant``, ``FuseOps``,
+   ``FuseTIR`` (tensorized kernels are opaque: nothing fuses into them);
 3. *tuned records*: a MetaSchedule database, when given, for the kernels it knows;
 4. *default schedules*: :func:`tvmquant.schedules.cpu.default_rules` for every kernel still
    unscheduled;
@@ -38,6 +40,7 @@ def build_pipeline(
     kernels: bool = True,
     schedules: bool = True,
     database=None,
+    fast_math: bool = True,
 ) -> tvm.transform.Pass:
     """The Relax-to-VM pass sequence for ``target`` (see the module docstring).
 
@@ -53,6 +56,10 @@ def build_pipeline(
     database
         A ``tvm.s_tir.meta_schedule.Database`` (or its work directory) with tuned records,
         applied before the default schedules.
+    fast_math
+        With ``schedules``: TVM's fast approximations of the float ``exp`` (softmax,
+        ``exp``), ``erf`` and ``tanh``, about 1e-7 relative error (what the float parts of a
+        quantized model keep: the final softmax of a recognizer, float fallback layers).
     """
     def phases() -> list[tvm.transform.Pass]:
         tuned = []
@@ -62,7 +69,8 @@ def build_pipeline(
         default = [dlight.ApplyDefaultSchedule(*default_rules())] \
             if target.kind.name == "llvm" else []
         return [
-            *fusion_phases(target, kernels=kernels, fuse=schedules),  # 1., 2.
+            *fusion_phases(target, kernels=kernels, fuse=schedules,    # 1., 2.
+                           fast_math=fast_math),
             *(tuned if schedules else []),                             # 3. tuned records
             *(default if schedules else []),                           # 4. default schedules
             rx.RewriteDataflowReshape(), rx.ToNonDataflow(),           # 5. lower
@@ -81,7 +89,7 @@ def build_pipeline(
 
 
 def fusion_phases(target: tvm.target.Target, *, kernels: bool = True,
-                  fuse: bool = True) -> list[tvm.transform.Pass]:
+                  fuse: bool = True, fast_math: bool = True) -> list[tvm.transform.Pass]:
     """Phases 1 and 2: dispatch to tensorized kernels, legalize, fuse.
 
     The module after these passes holds the kernels that the later phases schedule, and that
@@ -98,7 +106,8 @@ def fusion_phases(target: tvm.target.Target, *, kernels: bool = True,
         dispatch = [DispatchSubByte(gemv=vnni, avx2=avx2),
                     *([DispatchX86Int8()] if vnni else [])]
     fusion = [rx.AnnotateTIROpPattern(), rx.FoldConstant(), rx.FuseOps(), rx.FuseTIR()]
-    return [*dispatch, backend.DispatchSampling(), backend.DispatchSortScan(),
+    fast = [rx.FastMathTransform()] if fuse and fast_math else []
+    return [*dispatch, backend.DispatchSampling(), backend.DispatchSortScan(), *fast,
             rx.LegalizeOps(), *(fusion if fuse else [])]
 
 

@@ -126,6 +126,7 @@ def build(
     kernels: bool = True,
     schedules: bool = True,
     database=None,
+    fast_math: bool = True,
 ) -> tvm.runtime.Executable:
     """Compile a quantized (or any Relax) module for a target.
 
@@ -135,14 +136,16 @@ def build(
     x86, see :mod:`tvmquant.schedules.x86`). With ``schedules`` (the default), operators are
     fused and every other kernel gets tvmquant's default CPU schedule (parallel, vectorized;
     :mod:`tvmquant.schedules.cpu`), or its tuned schedule from ``database`` (a MetaSchedule
-    database or its directory, see ``tvmquant tune``). ``kernels=False, schedules=False`` is
-    TVM's plain ``tvm.compile``.
+    database or its directory, see ``tvmquant tune``). ``fast_math`` (with ``schedules``)
+    computes the float ``exp``/softmax, ``erf`` and ``tanh`` that remain with TVM's
+    vectorizable approximations (about 1e-7 relative error). ``kernels=False,
+    schedules=False`` is TVM's plain ``tvm.compile``.
     """
     from .schedules.pipeline import build as _build
 
     mod = qmod.mod if isinstance(qmod, QuantizedModel) else _as_irmodule(qmod)
     return _build(mod, resolve_target(target), kernels=kernels, schedules=schedules,
-                  database=database)
+                  database=database, fast_math=fast_math)
 
 
 def run(ex, inputs: Sequence[np.ndarray], device=None) -> list[np.ndarray]:

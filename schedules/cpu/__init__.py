@@ -8,6 +8,9 @@ before anyone tunes it:
 - :class:`.SpatialReduction`: one reduction block with an elementwise epilogue (depthwise and
   transposed convolutions, pooling, mean): outer spatial loops in parallel, the reduction
   loops outside a vectorized row of outputs, the epilogue computed row by row.
+- :class:`.RowReduction`: softmax-like kernels (reductions over the last axis with
+  elementwise steps between): rows in parallel, each row's steps one after the other,
+  the elementwise steps vectorized.
 - :class:`.Injective`: elementwise, broadcast, gather (lookup tables), layout and resize
   kernels: outer loops in parallel, inner loop vectorized.
 
@@ -17,13 +20,14 @@ Each rule follows DLight's contract (``apply(func, target, tunable)`` returns a 
 """
 
 from .injective import Injective
+from .row_reduction import RowReduction
 from .spatial_reduction import SpatialReduction
 
-__all__ = ["Injective", "SpatialReduction", "default_rules"]
+__all__ = ["Injective", "RowReduction", "SpatialReduction", "default_rules"]
 
 
 def default_rules() -> list:
     """The CPU rules in the order they are tried (the first that applies wins)."""
     from tvm.s_tir import dlight
 
-    return [SpatialReduction(), dlight.cpu.Reduction(), Injective()]
+    return [SpatialReduction(), RowReduction(), dlight.cpu.Reduction(), Injective()]

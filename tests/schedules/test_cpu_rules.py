@@ -13,7 +13,7 @@ import tvm
 import tvm_ffi
 from helpers import one_input_module
 from tvm import relax, tirx
-from tvmquant.schedules.cpu import Injective, SpatialReduction
+from tvmquant.schedules.cpu import Injective, RowReduction, SpatialReduction
 from tvmquant.schedules.pipeline import build, build_pipeline
 
 import tvmquant
@@ -113,6 +113,17 @@ def upsample_requant():
     return _module((1, 6, 16, 32), "uint8", body)
 
 
+def softmax_output(rows=40, length=661):
+    """A recognizer's last step: a float softmax over the classes, quantized as the output."""
+    def body(bb, x):
+        y = bb.emit(relax.op.nn.softmax(relax.op.multiply(x, relax.const(4.0)), axis=-1))
+        scale, zp = relax.const(1 / 255, "float32"), relax.const(0, "int8")
+        q = bb.emit(relax.op.quantize(y, scale, zp, axis=-1, out_dtype="uint8"))
+        return bb.emit(relax.op.dequantize(q, scale, zp, axis=-1, out_dtype="float32"))
+
+    return _module((rows, length), "float32", body)
+
+
 def float_conv():
     w = relax.const(np.random.default_rng(4).standard_normal((12, 6, 3, 3)).astype("float32"))
     return _module((1, 6, 19, 25), "float32",
@@ -131,6 +142,9 @@ CASES = {
     "lookup-table-int16": lookup_table,
     "resize-concat": resize_concat,
     "upsample-requant": upsample_requant,
+    "softmax-661": softmax_output,
+    "softmax-short-rows": lambda: _module(
+        (3, 5, 40), "float32", lambda bb, x: bb.emit(relax.op.nn.softmax(x, axis=-1))),
     "float-conv-relu": float_conv,
 }
 
@@ -227,6 +241,32 @@ def test_injective_computes_an_upsampled_value_once():
     assert "sblock_alloc_buffer((T.int64(1), T.int64(6), T.int64(8), T.int64(16))" in text
     assert text.count("T.int64(98765)") == 1  # the multiplier appears in one block
     assert _loops(func)[-1].kind == tirx.ForKind.VECTORIZED
+
+
+@pytest.mark.parametrize("fast_math", [False, True])
+def test_row_reduction_structure_softmax(fast_math):
+    mod = softmax_output()
+    if fast_math:
+        mod = relax.transform.FastMathTransform()(mod)
+    kernel = _kernel(_fused_kernels(mod), "fused_")
+    assert Injective().apply(kernel, TARGET, False) is None
+    assert SpatialReduction().apply(kernel, TARGET, False) is None  # two reductions
+    func = RowReduction().apply(kernel, TARGET, False).mod["main"]
+    loops = _loops(func)
+    assert loops[0].kind == tirx.ForKind.PARALLEL and int(loops[0].extent) == 40
+    vectorized = [lp for lp in loops if lp.kind == tirx.ForKind.VECTORIZED]
+    # the exponential and the normalized, quantized output: 661 = 41 x 16 + a tail of 5
+    assert len(vectorized) == 2 and all(int(lp.extent) == 16 for lp in vectorized)
+    text = func.script()
+    assert text.count("T.int64(41)") == 2 and "partition" in text
+    exp = "fast_exp" if fast_math else "T.exp("
+    assert exp in text and text.count("T.sblock_alloc_buffer") == 3  # max, exp, sum
+
+
+def test_row_reduction_leaves_alone_other_kernels():
+    for case in (lookup_table, depthwise, global_mean):
+        kernels = _fused_kernels(case())
+        assert all(RowReduction().apply(f, TARGET, False) is None for f in kernels.values())
 
 
 def test_short_rows_are_one_vector():
