@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import sys
 import time
@@ -124,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prep = time.perf_counter() - t0
                 table[case.key][engine] = median_ms(run, case.eval[0], args.repeat,
                                                     args.budget)
+                # the engine's threads (ONNX Runtime's spin after each run) must not steal
+                # the cores of the next engine on a small machine: free them, then pause
+                del run
+                gc.collect()
+                time.sleep(1.0)
                 _log(f"{case.key} {engine}: {table[case.key][engine][0]:.2f} ms "
                      f"(prepared in {prep:.0f} s)")
             except Exception as exc:  # a missing peer or records: say so in the table

@@ -58,6 +58,7 @@ from .int8_dense import (
     _ceil_to,
     _epilogue_expr,
     _epilogue_params,
+    _table_lookup,
     default_target,
 )
 from .vnni_intrin import VNNI_INTRIN
@@ -231,22 +232,28 @@ def int8_conv2d_compute(
     b_t, m0_t, sh_t, lut_t = _epilogue_params(o, bias, requant, params)
     # epilogue in the accumulator's (pixel, channel) order, so it vectorises over channels;
     # padded channels read the last real channel's parameters, then are zeroed/dropped.
-    out_dtype = requant.result_dtype if requant is not None else "int32"
+    # A lookup table is applied by the ``out`` block, after the transpose: one channel plane
+    # at a time, its indices cluster in the table (2.5x faster than 16 channels per vector
+    # on small layers, where the 64 KiB table does not stay in L1).
+    epi_dtype = requant.out_dtype if requant is not None else "int32"
 
     def epilogue(b, y, xx, oc):
-        v = _epilogue_expr(acc[b, y, xx, oc], tirx.min(oc, o - 1), b_t, m0_t, sh_t, requant,
-                           lut_t)
+        v = _epilogue_expr(acc[b, y, xx, oc], tirx.min(oc, o - 1), b_t, m0_t, sh_t, requant)
         if o % LANES:
-            v = tirx.Select(oc < o, v, tirx.const(0, out_dtype))
+            v = tirx.Select(oc < o, v, tirx.const(0, epi_dtype))
         return v
+
+    def finish(v):
+        return _table_lookup(v, requant, lut_t) if lut_t is not None else v
 
     epi = te.compute((n, oh, owp, opp), epilogue, name="epi")
     if out_layout == "NCHW":
-        out = te.compute((n, o, oh, ow), lambda b, oc, y, xx: epi[b, y, xx, oc], name="out")
+        out = te.compute((n, o, oh, ow), lambda b, oc, y, xx: finish(epi[b, y, xx, oc]),
+                         name="out")
     else:
         out = te.compute(
             (n, oblk, oh, ow, LANES),
-            lambda b, ob, y, xx, lane: epi[b, y, xx, ob * LANES + lane],
+            lambda b, ob, y, xx, lane: finish(epi[b, y, xx, ob * LANES + lane]),
             name="out",
         )
     return te.create_prim_func([*params, out])

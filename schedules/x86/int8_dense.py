@@ -178,8 +178,13 @@ def _epilogue_expr(x, n, bias, m0, shift, requant: Requant | None, lut=None):
     y = tirx.shift_right(x.astype("int64") * m0[n].astype("int64") + half, sh)
     y = y + tirx.const(requant.zero_point, "int64")
     y = tirx.max(tirx.min(y, tirx.const(requant.hi, "int64")), tirx.const(requant.lo, "int64"))
-    if not requant.lut_size:
+    if lut is None:  # (a conv looks its table up later, in channel-plane order)
         return y.astype(requant.out_dtype)
+    return _table_lookup(y, requant, lut)
+
+
+def _table_lookup(y, requant: Requant, lut):
+    """``lut[clip(y + offset)]`` for a clamped value ``y`` of ``requant``'s range."""
     # the table's index in int32; clipped only where the clamp range can leave the table
     idx = y.astype("int32") + tirx.const(requant.lut_offset, "int32")
     if requant.lo + requant.lut_offset < 0:
