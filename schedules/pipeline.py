@@ -10,8 +10,9 @@ is the same lowering with the missing middle filled in, in phases:
    (:class:`~tvmquant.schedules.x86.dispatch.DispatchX86Int8`, on VNNI targets);
 2. *legalize and fuse*: TVM's ``FastMathTransform`` (float ``exp``, ``softmax``, ``erf`` and
    ``tanh`` as polynomials that vectorize; LLVM calls ``expf`` once per vector lane
-   otherwise), ``LegalizeOps``, ``AnnotateTIROpPattern``, ``FoldConstant``, ``FuseOps``,
-   ``FuseTIR`` (tensorized kernels are opaque: nothing fuses into them);
+   otherwise; :func:`.SigmoidThroughExp` first, so that a float sigmoid uses it too),
+   ``LegalizeOps``, ``AnnotateTIROpPattern``, ``FoldConstant``, ``FuseOps``, ``FuseTIR``
+   (tensorized kernels are opaque: nothing fuses into them);
 3. *tuned records*: a MetaSchedule database, when given, for the kernels it knows;
 4. *default schedules*: :func:`tvmquant.schedules.cpu.default_rules` for every kernel still
    unscheduled;
@@ -32,6 +33,7 @@ from tvm.relax import transform as rx
 from tvm.s_tir import dlight
 
 from .cpu import default_rules
+from .fast_sigmoid import SigmoidThroughExp
 
 
 def build_pipeline(
@@ -106,7 +108,7 @@ def fusion_phases(target: tvm.target.Target, *, kernels: bool = True,
         dispatch = [DispatchSubByte(gemv=vnni, avx2=avx2),
                     *([DispatchX86Int8()] if vnni else [])]
     fusion = [rx.AnnotateTIROpPattern(), rx.FoldConstant(), rx.FuseOps(), rx.FuseTIR()]
-    fast = [rx.FastMathTransform()] if fuse and fast_math else []
+    fast = [SigmoidThroughExp, rx.FastMathTransform()] if fuse and fast_math else []
     return [*dispatch, backend.DispatchSampling(), backend.DispatchSortScan(), *fast,
             rx.LegalizeOps(), *(fusion if fuse else [])]
 

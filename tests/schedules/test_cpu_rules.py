@@ -304,3 +304,36 @@ def test_pipeline_output_matches_plain_build_on_a_quantized_model():
         # the last dense has a float output (summation order may differ by an ulp there)
         np.testing.assert_allclose(fast["main"](x).numpy(), plain["main"](x).numpy(),
                                    rtol=1e-6, atol=1e-6)
+
+
+def test_sigmoid_through_exp_structure():
+    """Before/Expected: a float sigmoid becomes 1 / (1 + exp(-x)); an integer one stays."""
+    from tvmquant.schedules.fast_sigmoid import SigmoidThroughExp
+
+    def module(dtype, body):
+        return _module((2, 7), dtype, body)
+
+    before = module("float32", lambda bb, x: bb.emit(relax.op.sigmoid(x)))
+    one = relax.const(1.0, "float32")
+    expected = module("float32", lambda bb, x: bb.emit(relax.op.divide(
+        one, relax.op.add(one, relax.op.exp(relax.op.negative(x))))))
+    tvm.ir.assert_structural_equal(SigmoidThroughExp(before), expected)
+    ints = module("int32", lambda bb, x: bb.emit(relax.op.abs(x)))
+    tvm.ir.assert_structural_equal(SigmoidThroughExp(ints), ints)
+
+
+def test_fast_math_sigmoid_and_softmax_match_the_exact_build():
+    def body(bb, x):
+        return bb.emit(relax.op.add(relax.op.sigmoid(x), relax.op.nn.softmax(x, axis=-1)))
+
+    mod = _module((5, 300), "float32", body)
+    fast = relax.VirtualMachine(build(mod, TARGET, kernels=False), tvm.cpu())
+    exact = relax.VirtualMachine(build(mod, TARGET, kernels=False, fast_math=False),
+                                 tvm.cpu())
+    x = np.random.default_rng().standard_normal((5, 300)).astype("float32") * 8
+    got = fast["main"](tvm.runtime.tensor(x)).numpy()
+    want = exact["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    ref = 1 / (1 + np.exp(-x.astype(np.float64)))
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    np.testing.assert_allclose(got, ref + e / e.sum(axis=-1, keepdims=True), rtol=1e-5)
