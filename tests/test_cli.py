@@ -163,11 +163,12 @@ def test_report_contents(files, compiled):
     assert fidelity["integer"]["rel_l2"] < 0.10
 
 
-def test_float_compile_and_run_by_name(files, tmp_path):
+@pytest.mark.parametrize("math", [[], ["--exact-math"]], ids=["fast-math", "exact-math"])
+def test_float_compile_and_run_by_name(files, tmp_path, math):
     """--quantize none needs no calibration; run matches inputs by (sanitized) name."""
     lib = tmp_path / "float.so"
     code, out, err = _main(["compile", files["model"], "--quantize", "none", "--target",
-                            TARGET, "-o", lib])
+                            TARGET, "-o", lib, *math])
     assert code == 0, err
     assert "none (float model)" in out
     x = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)

@@ -333,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply the kernels tuned by 'tvmquant tune' (its --work-dir, or a records "
         "directory); untuned kernels keep the default schedules",
     )
+    p.add_argument(
+        "--exact-math", action="store_true",
+        help="compute the float exp/softmax/sigmoid/erf/tanh that remain with libm instead "
+        "of TVM's vectorizable approximations (about 1e-7 relative error; 4x faster softmax)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no calibration progress bar")
     p.set_defaults(func=_cmd_compile)
 
@@ -641,7 +646,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     report["tuning_records"] = database
     if config is None:
         logger.info("compiling the float model for %s", target_text)
-        ex = build(mod, target, database=database)
+        ex = build(mod, target, database=database, fast_math=not args.exact_math)
     else:
         logger.info("quantizing with preset %s", args.quantize)
         qmod = quantize(mod, samples, config, progress=not args.no_progress,
@@ -650,7 +655,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         logger.info("compiling the %s module for %s",
                     "fake-quant" if args.fake_quant else "integer", target_text)
         ex = build(qmod.fake_quant_mod if args.fake_quant else qmod, target,
-                   database=database)
+                   database=database, fast_math=not args.exact_math)
 
     report_text = json_dumps(report) if args.report else None  # fail before writing anything
     export_library_atomic(ex, args.output)
