@@ -101,14 +101,14 @@ def _read_expanding(sch: s_tir.Schedule, block) -> bool:
     buf = stmt.writes[0].source
     found = False
 
-    def division(_node):
+    def expanding(_node):  # a truncating division or a cast from float
         nonlocal found
         found = True
 
     def load(node):
         if node.source.same_as(buf):
             for idx in node.indices:
-                structural_walk(idx, ((tirx.Div, tirx.Cast), division))
+                structural_walk(idx, ((tirx.Div, tirx.Cast), expanding))
 
     for consumer in sch.get_consumers(block):
         structural_walk(sch.get(consumer).body, ((TensorLoad,), load))
