@@ -251,16 +251,19 @@ class _Dispatcher(relax.PyExprMutator):
         gv = self._kernel(key, lambda: int8_dense(n * h * w, cols, c, bias=True,
                                                   requant=m.requant))
         rep = kh * kw
-        args = [rows, relax.const(pack_weight(m.weight.reshape(c_in, cols), "KN"), "int8"),
-                relax.const(np.repeat(m.bias, rep), "int32"),
-                relax.const(np.repeat(m.m0, rep), "int32"),
-                relax.const(np.repeat(m.shift, rep), "int32")]
+        # columns in (kh, kw, o) order: each output pixel's o channels are then contiguous in
+        # the matmul's output, and the depth-to-space below moves whole rows of o values
+        w_cols = m.weight.transpose(0, 2, 3, 1).reshape(c_in, cols)
+        args = [rows, relax.const(pack_weight(w_cols, "KN"), "int8"),
+                relax.const(np.tile(m.bias, rep), "int32"),
+                relax.const(np.tile(m.m0, rep), "int32"),
+                relax.const(np.tile(m.shift, rep), "int32")]
         if m.lut is not None:
             args.append(relax.const(m.lut))
         out = bb.emit(relax.call_tir(gv, args, relax.TensorType((n * h * w, cols),
                                                                 m.requant.result_dtype)))
-        blocks = relax.op.reshape(out, (n, h, w, o, kh, kw))
-        return relax.op.reshape(relax.op.permute_dims(blocks, [0, 3, 1, 4, 2, 5]),
+        blocks = relax.op.reshape(out, (n, h, w, kh, kw, o))
+        return relax.op.reshape(relax.op.permute_dims(blocks, [0, 5, 1, 3, 2, 4]),
                                 (n, o, h * kh, w * kw))
 
     def _dense(self, m: _Match):
