@@ -74,27 +74,27 @@ class _Match:
         """``((top, left, bottom, right), value, unpadded input)`` of a pad before a conv."""
 
 
-def _lookup_table(m: _Match, nxt) -> relax.Var | None:
-    """Extend ``m`` (an int16 result) with ``astype(int32) -> subtract(c) -> take(table)``."""
-    widen = nxt(m.out_var, "relax.astype")
-    if widen is None or str(widen[1].attrs.dtype) != "int32":
-        return None
-    sub = nxt(widen[0], "relax.subtract")
-    if sub is None or not sub[1].args[0].same_as(widen[0]):
-        return None
-    c = _const(sub[1].args[1])
-    take = nxt(sub[0], "relax.take")
-    if c is None or c.size != 1 or take is None or not take[1].args[1].same_as(sub[0]):
-        return None
-    table = _const(take[1].args[0])
+def _lookup_table(m: _Match, next_of, value: dict) -> None:
+    """Extend ``m`` (an int16 result) with ``astype(int32) -> subtract(c) -> take(table)``;
+    ``next_of(var, op name)`` is the single user of ``var`` when it is that op."""
+    widen = next_of(m.out_var, "relax.astype")
+    if widen is None or str(value[widen].attrs.dtype) != "int32":
+        return
+    sub = next_of(widen, "relax.subtract")
+    if sub is None or not value[sub].args[0].same_as(widen):
+        return
+    c = _const(value[sub].args[1])
+    take = next_of(sub, "relax.take")
+    if c is None or c.size != 1 or take is None or not value[take].args[1].same_as(sub):
+        return
+    table = _const(value[take].args[0])
     if table is None or table.ndim != 1 or table.dtype not in (np.uint8, np.int8) or \
-            int(take[1].attrs.axis) != 0 or str(take[1].attrs.mode) != "clip":
-        return None
+            int(value[take].attrs.axis) != 0 or str(value[take].attrs.mode) != "clip":
+        return
     r = m.requant
     m.requant = Requant(r.zero_point, r.lo, r.hi, r.out_dtype, lut_size=int(table.size),
                         lut_offset=-int(c.reshape(())), lut_dtype=str(table.dtype))
-    m.lut, m.out_var = table, take[0]
-    return take[0]
+    m.lut, m.out_var = table, take
 
 
 def _spatial_pad(call) -> tuple[tuple[int, int, int, int], int] | None:
@@ -177,8 +177,7 @@ def _match_chains(func: relax.Function, *, lut: bool = False) -> dict[relax.Var,
                    int(zp.reshape(())), int(clip.args[1].value), int(clip.args[2].value),
                    str(cast.attrs.dtype), chain[-1])
         if lut and m.requant.out_dtype == "int16":
-            _lookup_table(m, lambda v, name: None if (u := next_of(v, name)) is None
-                          else (u, value[u]))
+            _lookup_table(m, next_of, value)
         if lut and _op(call, "relax.nn.conv2d") and isinstance(call.args[0], relax.Var):
             producer = value.get(call.args[0])
             pad = _spatial_pad(producer) if producer is not None else None
