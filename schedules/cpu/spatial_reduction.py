@@ -14,7 +14,7 @@ so every output row is accumulated in registers and written once, already requan
 
 from __future__ import annotations
 
-from tvm import s_tir
+from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline
 from tvm.target import Target
@@ -25,6 +25,7 @@ from ._common import (
     extent,
     largest_divisor,
     parallel_vectorize,
+    row_vector_length,
     vector_lanes,
 )
 
@@ -59,9 +60,14 @@ class SpatialReduction(InPlaceRule):
         last = s_loops[-1]
         n_last = extent(sch, last)
         inner = None
-        vec = largest_divisor(n_last, (2 * lanes, lanes, lanes // 2, lanes // 4))
-        if (vec is None or vec < 4) and 4 <= n_last <= 2 * lanes:
-            vec = n_last  # a short row (e.g. 10 or 20 wide): one vector of that length
+        if _reads_with_stride(sch.get(block), kinds):
+            # a strided read (stride-2 convolution) is a gather, one load per lane:
+            # short vectors (the old choice) are faster there
+            vec = largest_divisor(n_last, (2 * lanes, lanes, lanes // 2, lanes // 4))
+            if vec is None and 4 <= n_last <= 2 * lanes:
+                vec = n_last
+        else:
+            vec = row_vector_length(n_last, lanes)
         if vec is not None and vec >= 4 and n_last > vec:
             outer_last, inner = sch.split(last, [None, vec])
             s_outer = [*s_loops[:-1], outer_last]
@@ -107,3 +113,16 @@ class SpatialReduction(InPlaceRule):
             except Exception:
                 parallel_vectorize(sch, info.block_rv, lanes)
         return sch
+
+
+def _reads_with_stride(block, kinds: str) -> bool:
+    """Whether ``block`` reads a buffer at a stride other than 1 along its last spatial axis."""
+    from tvm.sym import detect_linear_equation
+
+    var = [iv.var for iv, k in zip(block.iter_vars, kinds) if k == "S"][-1]
+    for region in block.reads:
+        for rng in region.region:
+            coef = detect_linear_equation(rng.min, [var])
+            if len(coef) == 2 and isinstance(coef[0], tirx.IntImm) and abs(int(coef[0])) > 1:
+                return True
+    return False

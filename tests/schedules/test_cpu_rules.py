@@ -136,6 +136,7 @@ CASES = {
     "depthwise-5x5-s2-odd": lambda: depthwise(c=24, hw=(13, 27), k=5, stride=2),
     "depthwise-narrow": lambda: depthwise(c=8, hw=(5, 3)),
     "depthwise-5x5-width-10": lambda: depthwise(c=48, hw=(10, 10), k=5),
+    "depthwise-5x5-width-20": lambda: depthwise(c=24, hw=(7, 20), k=5),
     "conv-transpose-3x3-s2": conv_transpose,
     "avg-pool": avg_pool,
     "global-mean": global_mean,
@@ -269,12 +270,18 @@ def test_row_reduction_leaves_alone_other_kernels():
         assert all(RowReduction().apply(f, TARGET, False) is None for f in kernels.values())
 
 
-def test_short_rows_are_one_vector():
-    """A 10-wide output row (no power-of-two divisor) is still vectorized, as one vector."""
-    kernel = _kernel(_fused_kernels(depthwise(c=48, hw=(10, 10), k=5)), "fused_conv2d")
+@pytest.mark.parametrize("width, stride, vector", [
+    (10, 1, 10),  # no divisor of 8 or more: one vector of the whole row
+    (20, 1, 20),  # likewise (5 vectors of 4 lanes ran 2x slower on det's 20x20 maps)
+    (40, 1, 8),   # 5 vectors of 8 (2 of 20 ran slower)
+    (40, 2, 4),   # a stride-2 read is a gather: the output row of 20 stays in short vectors
+])
+def test_row_vector_length(width, stride, vector):
+    kernel = _kernel(_fused_kernels(depthwise(c=48, hw=(10, width), k=5, stride=stride)),
+                     "fused_conv2d")
     loops = _loops(SpatialReduction().apply(kernel, TARGET, False).mod["main"])
     vectorized = [int(lp.extent) for lp in loops if lp.kind == tirx.ForKind.VECTORIZED]
-    assert vectorized and all(n == 10 for n in vectorized)
+    assert vectorized and all(n == vector for n in vectorized)
 
 
 def test_small_kernels_stay_on_one_thread():
