@@ -60,7 +60,8 @@ class SpatialReduction(InPlaceRule):
         last = s_loops[-1]
         n_last = extent(sch, last)
         inner = None
-        if _reads_with_stride(sch.get(block), kinds):
+        cache = _deinterleave(sch, block, kinds)
+        if cache is None and _reads_with_stride(sch.get(block), kinds):
             # a strided read (stride-2 convolution) is a gather, one load per lane:
             # short vectors (the old choice) are faster there
             vec = largest_divisor(n_last, (2 * lanes, lanes, lanes // 2, lanes // 4))
@@ -91,6 +92,10 @@ class SpatialReduction(InPlaceRule):
                 anchor = fused
         if inner is not None:
             sch.vectorize(inner)
+        if cache is not None and len(s_loops) > 1:
+            sch.compute_at(cache, fused, preserve_unit_loops=True)
+            cl = sch.get_loops(cache)
+            sch.reorder(cl[-1], cl[-2])  # parity innermost: LLVM deinterleaves with shuffles
         sch.decompose_reduction(block, r_loops[0])
 
         depth = 0
@@ -126,3 +131,28 @@ def _reads_with_stride(block, kinds: str) -> bool:
             if len(coef) == 2 and isinstance(coef[0], tirx.IntImm) and abs(int(coef[0])) > 1:
                 return True
     return False
+
+
+def _deinterleave(sch: s_tir.Schedule, block, kinds: str):
+    """A copy of the input read at a stride along the row, deinterleaved, or ``None``."""
+    from tvm.sym import detect_linear_equation
+
+    stmt = sch.get(block)
+    var = [iv.var for iv, k in zip(stmt.iter_vars, kinds) if k == "S"][-1]
+    for i, region in enumerate(stmt.reads):
+        coef = detect_linear_equation(region.region[-1].min, [var])
+        if len(coef) != 2 or not isinstance(coef[0], tirx.IntImm) or int(coef[0]) <= 1:
+            continue
+        s = int(coef[0])
+        width = region.source.shape[-1]
+        if not isinstance(width, tirx.IntImm) or int(width) % s:
+            return None  # (an odd width would need a padded copy)
+        cache = sch.cache_read(block, i, "global")
+        def index_map(*ax):
+            return (*ax[:-1], ax[-1] % s, ax[-1] // s)
+        ndim = len(region.region)
+        imap = tirx.IndexMap.from_func(index_map, ndim=ndim)
+        sch.transform_layout(cache, ("write", 0), imap)
+        sch.transform_block_layout(cache, imap)
+        return cache
+    return None

@@ -137,6 +137,7 @@ CASES = {
     "depthwise-narrow": lambda: depthwise(c=8, hw=(5, 3)),
     "depthwise-5x5-width-10": lambda: depthwise(c=48, hw=(10, 10), k=5),
     "depthwise-5x5-width-20": lambda: depthwise(c=24, hw=(7, 20), k=5),
+    "depthwise-3x3-s2-deinterleaved": lambda: depthwise(c=16, hw=(12, 34), k=3, stride=2),
     "conv-transpose-3x3-s2": conv_transpose,
     "avg-pool": avg_pool,
     "global-mean": global_mean,
@@ -274,7 +275,8 @@ def test_row_reduction_leaves_alone_other_kernels():
     (10, 1, 10),  # no divisor of 8 or more: one vector of the whole row
     (20, 1, 20),  # likewise (5 vectors of 4 lanes ran 2x slower on det's 20x20 maps)
     (40, 1, 8),   # 5 vectors of 8 (2 of 20 ran slower)
-    (40, 2, 4),   # a stride-2 read is a gather: the output row of 20 stays in short vectors
+    (40, 2, 20),  # stride 2 over a deinterleaved copy: contiguous reads, a row of 20
+    (39, 2, 4),   # odd padded width (43), no copy: the strided read is a gather, short vectors
 ])
 def test_row_vector_length(width, stride, vector):
     kernel = _kernel(_fused_kernels(depthwise(c=48, hw=(10, width), k=5, stride=stride)),
@@ -282,6 +284,24 @@ def test_row_vector_length(width, stride, vector):
     loops = _loops(SpatialReduction().apply(kernel, TARGET, False).mod["main"])
     vectorized = [int(lp.extent) for lp in loops if lp.kind == tirx.ForKind.VECTORIZED]
     assert vectorized and all(n == vector for n in vectorized)
+
+
+def test_stride_two_reads_a_deinterleaved_copy():
+    """A stride-2 depthwise conv copies the input rows it needs, even and odd columns apart
+    (parity the innermost loop, for LLVM's shuffles), then reads that copy contiguously."""
+    kernel = _kernel(_fused_kernels(depthwise(c=32, hw=(24, 64), k=3, stride=2)),
+                     "fused_conv2d")
+    func = SpatialReduction().apply(kernel, TARGET, False).mod["main"]
+    text = func.script()
+    assert "T.int64(32), T.int64(26), T.int64(2), T.int64(33)), \"uint8\")" in text
+    loops = _loops(func)
+    assert loops[0].kind == tirx.ForKind.PARALLEL
+    copy = loops[1:6]  # under the (channel, output row) loop: 3 input rows x 33 x parity 2
+    assert [int(lp.extent) for lp in copy][-3:] == [3, 33, 2]
+    # the accumulation reads the copy at unit stride along the vectorized row
+    update = next(lp for lp in loops if lp.kind == tirx.ForKind.VECTORIZED
+                  and "update" in lp.script())
+    assert "v4 // T.int64(2) + v2" in update.script()
 
 
 def test_small_kernels_stay_on_one_thread():
