@@ -6,6 +6,9 @@
   optional fused bias + dyadic requantization epilogue (uint8, int8 or int16 output).
 - :mod:`.int8_conv2d`: direct conv2d (u8 NCHW / NCHW4c / NCHW16c input, s8 packed OIHW
   weight, NCHW or NCHW16c output), same epilogue.
+- :mod:`.int8_depthwise_conv2d`: depthwise conv2d (u8 NCHW, s8 ``[C, KH, KW/4, 4]``), 4
+  kernel columns per ``vpdpbusd`` from byte-shuffled windows of the input row, same
+  epilogue.
 - :mod:`.subbyte_gemv`: batch-1 (few-row) matmul with 8/4/2-bit weights packed 1/2/4 per
   byte, unpacked in registers.
 - :mod:`.bitserial_dense`: binary (XNOR), ternary and few-bit unipolar dense on vector

@@ -11,10 +11,12 @@ fused into its epilogue (:mod:`.int8_conv2d`, :mod:`.int8_dense`). Two neighbour
 kernel too: a 16-bit lookup table after the chain (``astype(int32) -> subtract(c) ->
 take(const table, mode="clip")``, the integer hard-swish, sigmoid, ...) runs in the epilogue,
 and a constant spatial ``nn.pad`` before a convolution runs in the kernel's input re-layout,
-so neither costs a pass over memory of its own. What does not match
-(depthwise or grouped convolutions, dilation, signed activations, batched matmuls) is left
-to TVM's default kernels. A transposed convolution whose stride equals its kernel (the
-upsampling heads of detectors) is a matmul followed by a depth-to-space, and runs as one.
+so neither costs a pass over memory of its own. A depthwise convolution runs on
+:mod:`.int8_depthwise_conv2d` (its pad, widened to what that kernel reads, stays one
+``nn.pad`` before it). What does not match (grouped convolutions, dilation, signed
+activations, batched matmuls) is left to TVM's default kernels. A transposed convolution
+whose stride equals its kernel (the upsampling heads of detectors) is a matmul followed by
+a depth-to-space, and runs as one.
 Kernels are cached by shape and epilogue within a module.
 """
 
@@ -28,6 +30,12 @@ from ..._compat import Constant, const_value, dtype_of, static_shape
 from ...passes.analysis import emit_like, function_bindings
 from .int8_conv2d import int8_conv2d, pack_conv_weight
 from .int8_dense import Requant, int8_dense, kernel_for_relax, pack_weight
+from .int8_depthwise_conv2d import (
+    depthwise_input_size,
+    depthwise_output_size,
+    int8_depthwise_conv2d,
+    pack_depthwise_weight,
+)
 
 
 def target_has_features(target: tvm.target.Target, *features: str) -> bool:
@@ -203,6 +211,9 @@ class _Dispatcher(relax.PyExprMutator):
 
     def _conv(self, m: _Match):
         attrs = m.anchor.attrs
+        if int(attrs.groups) > 1 and int(attrs.groups) == m.weight.shape[0] and \
+                m.weight.shape[1] == 1:
+            return self._depthwise(m)
         if int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW" or \
                 str(attrs.kernel_layout) != "OIHW" or any(int(d) != 1 for d in attrs.dilation):
             return None
@@ -224,6 +235,36 @@ class _Dispatcher(relax.PyExprMutator):
                                                    requant=m.requant, pad=pad,
                                                    pad_value=pad_value))
         return gv, [data, pack_conv_weight(m.weight)]
+
+    def _depthwise(self, m: _Match):
+        """A depthwise conv (one filter per channel) on :mod:`.int8_depthwise_conv2d`; its
+        padding (and the few rows and columns more that the kernel reads) is one ``nn.pad``
+        before it."""
+        attrs = m.anchor.attrs
+        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or \
+                any(int(d) != 1 for d in attrs.dilation):
+            return None
+        sh, sw = (int(s) for s in attrs.strides)
+        if sw > 3:
+            return None
+        pad, pad_value, data = tuple(int(p) for p in attrs.padding), 0, m.data
+        if m.pad is not None and not any(pad):
+            pad, pad_value, data = m.pad
+        data = self.visit_expr(data)
+        n, c, h, w = static_shape(data)
+        kh, kw = m.weight.shape[2:]
+        top, left, bottom, right = pad
+        oh, ow = depthwise_output_size(h, w, kh, kw, sh, sw, pad)
+        hp, wp = h + top + bottom, w + left + right
+        hk, wk = depthwise_input_size(oh, ow, kh, kw, sh, sw, (hp, wp))
+        padded = self.builder_.emit(relax.op.nn.pad(
+            data, [0, 0, 0, 0, top, bottom + hk - hp, left, right + wk - wp],
+            pad_value=float(pad_value)))
+        key = ("depthwise", n, c, oh, ow, kh, kw, sh, sw, m.requant, (hp, wp))
+        gv = self._kernel(key, lambda: int8_depthwise_conv2d(
+            n, c, oh, ow, kh, kw, (sh, sw), bias=True, requant=m.requant,
+            input_at_least=(hp, wp)))
+        return gv, [padded, pack_depthwise_weight(m.weight)]
 
     def _conv_transpose(self, m: _Match):
         """Stride == kernel, no padding: a dense ``[H*W, C] x [C, O*kh*kw]`` + depth-to-space.

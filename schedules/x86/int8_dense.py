@@ -169,7 +169,10 @@ def _epilogue_params(n: int, bias: bool, requant: Requant | None, params: list):
 
 def _epilogue_expr(x, n, bias, m0, shift, requant: Requant | None, lut=None):
     if bias is not None:
-        x = x + bias[n]
+        # int32 wrap-around, as the graph's int32 add: summed in int64 and truncated, since
+        # LLVM takes a plain int32 add as never overflowing and may widen it before the
+        # int64 multiply (a dead channel of PP-OCR rec has a bias of -2**31 + 1523)
+        x = (x.astype("int64") + bias[n].astype("int64")).astype("int32")
     if requant is None:
         return x
     sh = shift[n].astype("int64")

@@ -10,6 +10,12 @@ Registered under tvmquant's own names (never over TVM's upstream ``dot_16x4_vnni
     that this holds. The description declares those strides, so tensorizing onto an unpacked
     ``(N, K)`` weight fails to compile instead of silently reading the wrong bytes.
 
+``tvmquant_dot_16x4_vnni_window_s{1,2,3}`` (:func:`window_intrin`)
+    ``C[i] += sum_k int32(A[i * stride + k]) * int32(B[k])``: 16 output pixels x 4 kernel
+    columns of a convolution row, cut from one 64-byte load of the row by a byte shuffle
+    (``vpermb``), weights ``B`` broadcast. The depthwise kernel's
+    (:mod:`.int8_depthwise_conv2d`).
+
 ``tvmquant_dot_8x4_avx2_exact`` (:data:`AVX2_INTRIN`)
     Same contract with 8 output lanes (``B`` int8[8, 4] contiguous, 32 bytes), for AVX2
     machines without VNNI. Exact for every uint8 x int8 input: the operands are widened to
@@ -22,7 +28,7 @@ Why not TVM's own ``dot_16x4_vnni``: it passes ``int32x16`` operands to
 intrinsic with ``<64 x i8>`` operands, so the LLVM module fails verification. Here the
 broadcast activations are reinterpreted as ``uint8x64`` and the weights loaded as ``int8x64``.
 
-Importing this module registers both intrinsics (idempotently).
+Importing this module registers the intrinsics (idempotently).
 """
 
 from __future__ import annotations
@@ -152,8 +158,59 @@ def _avx2_impl(
         )
 
 
+def window_intrin(stride: int) -> str:
+    """``C[i] += sum_k int32(A[i * stride + k]) * int32(B[k])`` (``i < 16``, ``k < 4``): 16
+    output pixels x 4 kernel columns of a convolution row, from one 64-byte load of the
+    input row (``A`` is read past its last needed byte, up to 64 bytes from its start:
+    the caller leaves that much readable memory after it), a byte shuffle (``vpermb``) into
+    16 x 4 windows, and one ``vpdpbusd`` with the 4 weights ``B`` broadcast. Registered on
+    first use, per stride (1 to 3)."""
+    if stride not in (1, 2, 3):
+        raise ValueError(f"window intrinsic for stride 1-3, got {stride}")
+    name = f"tvmquant_dot_16x4_vnni_window_s{stride}"
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    span = 15 * stride + 4
+    perm = [i * stride + k for i in range(16) for k in range(4)]
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((span,), "uint8", offset_factor=1),
+             B: T.Buffer((4,), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:span], B[0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vi * stride + vk], "int32") * \
+                            T.cast(B[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((span,), "uint8", offset_factor=1),
+             B: T.Buffer((4,), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:span], B[0:4])
+            T.writes(C[0:16])
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.Shuffle([A.vload([0], dtype="uint8x64")], perm),
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 16),
+                    dtype="int8x64",
+                ),
+                dtype="int32x16",
+            )
+
+    TensorIntrin.register(name, desc, impl)
+    return name
+
+
 def register() -> None:
-    """Register both intrinsics under tvmquant's names (no-op when already registered)."""
+    """Register the intrinsics under tvmquant's names (no-op when already registered)."""
     if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(VNNI_INTRIN, _vnni_desc, _vnni_impl)
     if TensorIntrin.get(AVX2_INTRIN, allow_missing=True) is None:

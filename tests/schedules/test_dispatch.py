@@ -41,13 +41,13 @@ def _call_tir_count(mod):
 def test_structure_regular_convs_and_dense_are_dispatched(quantized):
     after = DispatchX86Int8()(quantized.mod)
     relax.analysis.well_formed(after)
-    # conv2d_0 and conv2d_1 (regular, requantized) go to the kernels; the depthwise conv and
-    # the final dense (float output: no requantization to fuse) stay on the defaults.
-    assert _call_tir_count(after) == 2
+    # conv2d_0, conv2d_1 (regular) and the depthwise conv, requantized, go to the kernels;
+    # the final dense (float output: no requantization to fuse) stays on the defaults.
+    assert _call_tir_count(after) == 3
     text = after["main"].script()
-    assert text.count("R.nn.conv2d") == 1 and "groups=8" in text
+    assert "R.nn.conv2d" not in text
     assert text.count("R.matmul") == 1
-    assert "R.right_shift" in text  # only the depthwise conv's requantization remains
+    assert text.count("R.right_shift") == 2  # the residual add's and the mean's remain
 
 
 def test_leaves_alone_float_module():
@@ -71,8 +71,9 @@ def test_dispatched_module_is_bit_exact(quantized):
         np.testing.assert_array_equal(vm_a["main"](x).numpy(), vm_b["main"](x).numpy())
 
 
-def _padded_conv_with_table(lut_dtype: str = "uint8", shared_pad: bool = False):
-    """pad(zero point) -> conv2d -> requantize to int16 -> 16-bit lookup table -> conv2d,
+def _padded_conv_with_table(lut_dtype: str = "uint8", shared_pad: bool = False,
+                            depthwise: bool = False):
+    """pad(zero point) -> conv2d -> requantize to int16 -> 16-bit lookup table,
     as LowerToIntegerOnly writes a convolution followed by hard-swish."""
     rng = np.random.default_rng(11)
     bb = relax.BlockBuilder()
@@ -82,13 +83,19 @@ def _padded_conv_with_table(lut_dtype: str = "uint8", shared_pad: bool = False):
     with bb.function("main", [x]):
         with bb.dataflow():
             p = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 1, 1, 2, 0], pad_value=131.0))
-            y = bb.emit(relax.op.nn.conv2d(p, relax.const(rng.integers(
-                -127, 128, (20, 12, 3, 3)).astype("int8")), out_dtype="int32"))
+            if depthwise:
+                y = bb.emit(relax.op.nn.conv2d(p, relax.const(rng.integers(
+                    -127, 128, (12, 1, 3, 3)).astype("int8")), strides=(1, 2), groups=12,
+                    out_dtype="int32"))
+            else:
+                y = bb.emit(relax.op.nn.conv2d(p, relax.const(rng.integers(
+                    -127, 128, (20, 12, 3, 3)).astype("int8")), out_dtype="int32"))
+            o = 12 if depthwise else 20
             y = bb.emit(relax.op.add(y, relax.const(
-                rng.integers(-9999, 9999, (1, 20, 1, 1)).astype("int32"))))
+                rng.integers(-9999, 9999, (1, o, 1, 1)).astype("int32"))))
             y = bb.emit(relax.op.astype(y, "int64"))
             y = bb.emit(relax.op.multiply(y, relax.const(
-                rng.integers(2**30, 2**31, (1, 20, 1, 1)), "int64")))
+                rng.integers(2**30, 2**31, (1, o, 1, 1)), "int64")))
             y = bb.emit(relax.op.add(y, relax.const(1 << 32, "int64")))
             y = bb.emit(relax.op.right_shift(y, relax.const(33, "int64")))
             y = bb.emit(relax.op.add(y, relax.const(-1000, "int64")))
@@ -116,6 +123,39 @@ def test_pad_and_lookup_table_join_the_kernel(lut_dtype):
     x, _w, _b, _m0, _sh, table = call.args[1].fields
     assert x.same_as(after["main"].params[0])  # the unpadded input
     assert const_value(table).shape == (65536,)
+    assert str(call.ty.dtype) == lut_dtype
+    if not _cpu_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI (avx512_vnni not in /proc/cpuinfo)")
+    vm_a = relax.VirtualMachine(tvm.compile(after, TARGET), tvm.cpu())
+    vm_b = relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
+    for _ in range(2):
+        x = tvm.runtime.tensor(np.random.default_rng().integers(0, 256, (1, 12, 11, 14))
+                               .astype("uint8"))
+        np.testing.assert_array_equal(vm_a["main"](x).numpy(), vm_b["main"](x).numpy())
+
+
+@pytest.mark.parametrize("lut_dtype", ["uint8", "int8"])
+def test_depthwise_conv_joins_its_kernel_with_pad_and_table(lut_dtype):
+    """A depthwise conv (stride 1 x 2) with its requantization and table is one call of the
+    depthwise kernel; its zero-point pad, widened by the rows and columns the kernel reads
+    past it, is the one pad left."""
+    mod = _padded_conv_with_table(lut_dtype, depthwise=True)
+    after = DispatchX86Int8()(mod)
+    relax.analysis.well_formed(after)
+    text = after["main"].script()
+    assert _call_tir_count(after) == 1
+    for gone in ("R.take", "R.nn.conv2d", "R.subtract", "int16"):
+        assert gone not in text, gone
+    bindings = after["main"].body.blocks[0].bindings
+    pad = next(b for b in bindings if getattr(b.value.op, "name", "") == "relax.nn.pad")
+    call = next(b.value for b in bindings if getattr(b.value.op, "name", "") == "relax.call_tir")
+    assert pad.value.args[0].same_as(after["main"].params[0])
+    assert call.args[1].fields[0].same_as(pad.var)
+    # 11x14 padded (1, 1) rows and (2, 0) columns is 13x16; output 11x7: one vector of 16
+    # pixels at stride 2 and a group of 4 kernel columns read 34 columns, 1 row more below
+    # keeps the last 64-byte load inside the buffer
+    assert [int(v) for v in pad.value.attrs.pad_width] == [0, 0, 0, 0, 1, 2, 2, 18]
+    assert float(pad.value.attrs.pad_value) == 131.0
     assert str(call.ty.dtype) == lut_dtype
     if not _cpu_has_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI (avx512_vnni not in /proc/cpuinfo)")

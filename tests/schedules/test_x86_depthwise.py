@@ -1,0 +1,163 @@
+"""The VNNI depthwise conv kernel (tvmquant.schedules.x86.int8_depthwise_conv2d) against NumPy.
+
+Kernels that run VNNI code check /proc/cpuinfo first and skip with the reason otherwise; the
+packing, sizing and assembly checks compile and run anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tvmquant.schedules.x86 import int8_dense as dense
+from tvmquant.schedules.x86 import int8_depthwise_conv2d as dw
+
+from tvmquant.numerics import dyadic
+
+
+def _need_vnni() -> None:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if "avx512_vnni" not in flags or "avx512_vbmi" not in flags:
+        pytest.skip("this CPU lacks avx512_vnni or avx512_vbmi (per /proc/cpuinfo): "
+                    "cannot run the kernel here")
+
+
+def _kernel_input(x, kh, kw, stride, pad, pad_value, rng):
+    """``x`` padded as the dispatch pads it: the conv's padding with ``pad_value``, then the
+    rows and columns the kernel reads past it with garbage (they must not matter)."""
+    n, c, h, w = x.shape
+    top, left, bottom, right = pad
+    oh, ow = dw.depthwise_output_size(h, w, kh, kw, *stride, pad)
+    hp, wp = h + top + bottom, w + left + right
+    hk, wk = dw.depthwise_input_size(oh, ow, kh, kw, *stride, (hp, wp))
+    xk = rng.integers(0, 256, (n, c, hk, wk)).astype(np.uint8)
+    xk[:, :, :hp, :wp] = pad_value
+    xk[:, :, top:top + h, left:left + w] = x
+    return xk, (oh, ow), (hp, wp)
+
+
+def _run(mod_args, args, shape, dtype):
+    import tvm
+
+    ex = dw.build_int8_depthwise_conv2d(*mod_args[0], **mod_args[1])
+    out = tvm.runtime.tensor(np.zeros(shape, dtype))
+    ex.mod["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+    return out.numpy()
+
+
+def test_pack_depthwise_weight_layout():
+    w = np.random.default_rng(0).integers(-128, 128, (6, 1, 5, 3)).astype(np.int8)
+    p = dw.pack_depthwise_weight(w)
+    assert p.shape == (6, 5, 1, 4) and p.dtype == np.int8
+    np.testing.assert_array_equal(p[:, :, 0, :3], w[:, 0])
+    assert not p[..., 3].any()  # the 4th column of the group is zero
+    with pytest.raises(ValueError, match="C, 1, KH, KW"):
+        dw.pack_depthwise_weight(np.zeros((6, 2, 3, 3), np.int8))
+
+
+@pytest.mark.parametrize("oh, ow, kh, kw, sh, sw", [
+    (12, 80, 5, 5, 1, 1), (1, 40, 3, 2, 3, 2), (6, 7, 3, 3, 1, 2), (5, 3, 3, 3, 2, 1)])
+def test_input_size_keeps_every_load_inside(oh, ow, kh, kw, sh, sw):
+    """The last 64-byte load (``vpermb`` reads a whole register) ends inside the buffer."""
+    h, w = dw.depthwise_input_size(oh, ow, kh, kw, sh, sw)
+    groups, owp = -(-kw // 4), -(-ow // 16) * 16
+    last = ((oh - 1) * sh + kh - 1) * w + (owp - 16) * sw + 4 * (groups - 1)
+    assert last + 64 <= h * w
+    assert w >= (owp - 1) * sw + 4 * groups and h >= (oh - 1) * sh + kh
+
+
+@pytest.mark.parametrize("mcpu, shuffle", [("icelake-server", "vpermb"),
+                                           ("cascadelake", "vpshufb")])
+def test_depthwise_asm_has_vpdpbusd(mcpu, shuffle):
+    """One ``vpdpbusd`` per 16 pixels x 4 kernel columns; the windows are cut by ``vpermb``
+    where the CPU has AVX-512 VBMI, by LLVM's longer byte shuffles where not."""
+    import tvm
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    ex = dw.build_int8_depthwise_conv2d(1, 8, 6, 20, 3, 3, (1, 1), target=target)
+    asm = ex.mod.inspect_source("asm")
+    # 6 rows x 2 vectors x 3 kernel rows, in a register tile of 3 rows (unrolled)
+    assert asm.count("vpdpbusd") == 3 * 2 * 3 and shuffle in asm
+
+
+# (c, h, w, kh, kw, stride, pad): PP-OCR's layers, odd sizes, strides 1 and 2 per axis
+CASES = [
+    (5, 9, 21, 3, 3, (1, 1), (1, 1, 1, 1)),
+    (7, 13, 27, 5, 5, (2, 2), (2, 1, 2, 0)),
+    (16, 12, 40, 5, 5, (1, 1), (2, 2, 2, 2)),
+    (9, 12, 33, 3, 3, (2, 1), (1, 1, 1, 1)),
+    (9, 12, 33, 3, 3, (1, 2), (1, 1, 1, 1)),
+    (6, 3, 80, 3, 2, (1, 2), (0, 0, 0, 0)),
+    (4, 10, 10, 5, 5, (1, 1), (2, 2, 2, 2)),
+    (3, 7, 7, 7, 7, (1, 1), (3, 3, 3, 3)),
+]
+REQUANTS = [
+    None,
+    dense.Requant(3, 0, 255, "uint8"),
+    dense.Requant(-3000, -32768, 32767, "int16", lut_size=65536, lut_offset=32768),
+    dense.Requant(-40, -300, 500, "int16", lut_size=301, lut_offset=-50, lut_dtype="int8"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "c{}-{}x{}-k{}x{}-s{}{}".format(
+    *c[:5], *c[5]))
+@pytest.mark.parametrize("rq", REQUANTS, ids=["int32", "u8", "lut-u8-65536", "lut-i8-301"])
+def test_depthwise_exact(case, rq):
+    _need_vnni()
+    c, h, w, kh, kw, stride, pad = case
+    rng = np.random.default_rng()  # fresh inputs every run
+    x = rng.integers(0, 256, (1, c, h, w)).astype(np.uint8)
+    wt = rng.integers(-128, 128, (c, 1, kh, kw)).astype(np.int8)
+    pad_value = int(rng.integers(0, 256))
+    xk, (oh, ow), hpwp = _kernel_input(x, kh, kw, stride, pad, pad_value, rng)
+    acc = dw.depthwise_reference(x, wt, stride, pad, pad_value)
+    args = [xk, dw.pack_depthwise_weight(wt)]
+    dtype = np.int32
+    if rq is None:
+        ref = acc
+    else:
+        bias = rng.integers(-(2**20), 2**20, c).astype(np.int32)
+        d = dyadic(rng.uniform(1e-5, 3e-3, c))
+        m0, sh = d.m0.astype(np.int32), d.shift.astype(np.int32) - (4 if rq.lut_size else 0)
+        table = None
+        if rq.lut_size:
+            info = np.iinfo(rq.lut_dtype)
+            table = rng.integers(info.min, int(info.max) + 1, rq.lut_size).astype(rq.lut_dtype)
+        args += [bias, m0, sh] + ([table] if table is not None else [])
+        ref = dense.epilogue_reference(acc.astype(np.int32), bias, m0, sh, rq, axis=1,
+                                       lut=table)
+        dtype = rq.result_dtype
+    got = _run(((1, c, oh, ow, kh, kw, stride),
+                {"bias": rq is not None, "requant": rq, "input_at_least": hpwp}),
+               args, (1, c, oh, ow), dtype)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_bias_wraps_around_as_int32():
+    """A dead channel of PP-OCR rec: one weight, a bias of -2**31 + 1523, shift 53. The int32
+    add wraps as in the graph (LLVM widened a plain add before the int64 multiply)."""
+    _need_vnni()
+    rng = np.random.default_rng()
+    c, h, w = 3, 6, 20
+    x = rng.integers(0, 256, (1, c, h, w)).astype(np.uint8)
+    wt = np.zeros((c, 1, 5, 5), np.int8)
+    wt[:, 0, 2, 2] = -127
+    rq = dense.Requant(-17587, -32768, 32767, "int16")
+    bias = np.full(c, -(2**31) + 1523, np.int32)
+    m0, sh = np.full(c, 1560672697, np.int32), np.full(c, 53, np.int32)
+    xk, (oh, ow), hpwp = _kernel_input(x, 5, 5, (1, 1), (2, 2, 2, 2), 12, rng)
+    acc = dw.depthwise_reference(x, wt, (1, 1), (2, 2, 2, 2), 12).astype(np.int32)
+    ref = dense.epilogue_reference(acc, bias, m0, sh, rq, axis=1)
+    got = _run(((1, c, oh, ow, 5, 5, (1, 1)),
+                {"bias": True, "requant": rq, "input_at_least": hpwp}),
+               [xk, dw.pack_depthwise_weight(wt), bias, m0, sh], (1, c, oh, ow), np.int16)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_refuses_bad_sizes():
+    with pytest.raises(ValueError, match="bad sizes"):
+        dw.int8_depthwise_conv2d(1, 4, 6, 6, 3, 3, (1, 4))
