@@ -107,7 +107,10 @@ def upsample_requant():
         coarse = bb.emit(relax.op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=[16, 32],
                                                 strides=[2, 2]))
         coarse = _requant(bb, coarse, m0=98765, shift=17, zp=9)
-        up = bb.emit(relax.op.image.resize2d(coarse, (16, 32), method="nearest_neighbor"))
+        # as PP-OCR det's exported Resize: asymmetric coordinates, floor (an integer division)
+        up = bb.emit(relax.op.image.resize2d(coarse, (16, 32), method="nearest_neighbor",
+                                             coordinate_transformation_mode="asymmetric",
+                                             rounding_method="floor"))
         return bb.emit(relax.op.concat([x, up], axis=1))
 
     return _module((1, 6, 16, 32), "uint8", body)
@@ -143,6 +146,11 @@ CASES = {
     "global-mean": global_mean,
     "lookup-table-int16": lookup_table,
     "resize-concat": resize_concat,
+    "resize-by-4-add": lambda: _module((1, 3, 5, 6), "uint8", lambda bb, x: bb.emit(
+        relax.op.add(relax.op.image.resize2d(x, (20, 24), method="nearest_neighbor",
+                                             coordinate_transformation_mode="asymmetric",
+                                             rounding_method="floor"),
+                     relax.const(np.arange(20 * 24, dtype="uint8").reshape(20, 24))))),
     "upsample-requant": upsample_requant,
     "softmax-661": softmax_output,
     "softmax-short-rows": lambda: _module(
@@ -242,7 +250,19 @@ def test_injective_computes_an_upsampled_value_once():
     text = func.script()
     assert "sblock_alloc_buffer((T.int64(1), T.int64(6), T.int64(8), T.int64(16))" in text
     assert text.count("T.int64(98765)") == 1  # the multiplier appears in one block
-    assert _loops(func)[-1].kind == tirx.ForKind.VECTORIZED
+
+
+def test_injective_reads_an_upsampled_input_in_steps_of_the_factor():
+    """The block that reads the 2x-upsampled map runs its rows in unrolled steps of 2 and is
+    left to LLVM's vectorizer (TVM's would load the upsampled input one lane at a time)."""
+    kernel = _kernel(_fused_kernels(upsample_requant()), "fused_")
+    func = Injective().apply(kernel, TARGET, False).mod["main"]
+    loops = _loops(func)
+    kinds = [(lp.kind, int(lp.extent)) for lp in loops]
+    # the coarse map's block: vectorized; the concat reading it: rows of 32 as 16 x (2 unrolled)
+    assert (tirx.ForKind.VECTORIZED, 16) in kinds
+    assert kinds[-2:] == [(tirx.ForKind.SERIAL, 16), (tirx.ForKind.UNROLLED, 2)]
+    assert loops[-3].kind == tirx.ForKind.PARALLEL
 
 
 @pytest.mark.parametrize("fast_math", [False, True])
