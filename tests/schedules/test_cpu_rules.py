@@ -224,6 +224,19 @@ def test_spatial_reduction_structure_depthwise():
     assert update.splitlines()[1].strip().startswith("for ax2_1 in T.vectorized")
 
 
+def test_spatial_reduction_global_mean_sums_rows_in_vectors():
+    """A mean over H, W (one value per channel) is not vectorized over channels (a gather):
+    each channel's rows are summed in 16 partial sums (rfactor), added up at the end."""
+    kernel = _kernel(_fused_kernels(global_mean()), "fused_cast_sum")
+    func = SpatialReduction().apply(kernel, TARGET, False).mod["main"]
+    text = func.script()
+    loops = _loops(func)
+    assert loops[0].kind == tirx.ForKind.PARALLEL and int(loops[0].extent) == 48
+    vectorized = [lp for lp in loops if lp.kind == tirx.ForKind.VECTORIZED]
+    assert vectorized and all(int(lp.extent) == 8 for lp in vectorized)  # rows of 40: 5 x 8
+    assert "_rf" in text and text.count("T.sblock_alloc_buffer") == 1
+
+
 def test_spatial_reduction_leaves_alone_elementwise_and_softmax():
     kernels = _fused_kernels(lookup_table())
     assert all(SpatialReduction().apply(f, TARGET, False) is None for f in kernels.values())
