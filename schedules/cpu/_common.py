@@ -53,8 +53,9 @@ def row_vector_length(n: int, lanes: int) -> int | None:
 def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
     """Fuse the outer loops of ``block`` into one parallel loop; vectorize the innermost.
 
-    The innermost loop is vectorized only when a multiple of the lane count divides it
-    (otherwise LLVM's own loop vectorizer sees a plain serial loop).
+    A row that no multiple of the lane count divides (a padded row of 87) is vectorized up to
+    its last multiple of ``lanes``, the tail partitioned off and left serial (left whole to
+    LLVM, the pads' conditional loads stayed scalar: 9.6 against 6.2 us on rec's pads).
     """
     loops = sch.get_loops(block)
     if not loops:
@@ -77,6 +78,10 @@ def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
         outer = loops[:-1]
     if total >= MIN_PARALLEL_ELEMENTS and outer:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    if vec is None and extents[-1] > lanes:
+        main = extents[-1] - extents[-1] % lanes
+        body = sch.loop_partition(inner, [main, None])[0]
+        sch.vectorize(sch.split(body, [None, lanes])[1])
 
 
 # A value this small (cast, offset) is cheaper to recompute than to store and load again.

@@ -146,6 +146,8 @@ CASES = {
     "global-mean": global_mean,
     "lookup-table-int16": lookup_table,
     "resize-concat": resize_concat,
+    "pad-to-87": lambda: _module((1, 5, 7, 83), "uint8", lambda bb, x: bb.emit(
+        relax.op.nn.pad(x, [0, 0, 0, 0, 2, 2, 2, 2], pad_value=17.0))),
     "resize-by-4-add": lambda: _module((1, 3, 5, 6), "uint8", lambda bb, x: bb.emit(
         relax.op.add(relax.op.image.resize2d(x, (20, 24), method="nearest_neighbor",
                                              coordinate_transformation_mode="asymmetric",
@@ -253,6 +255,18 @@ def test_injective_structure():
     loops = _loops(sch.mod["main"])
     assert loops[0].kind == tirx.ForKind.PARALLEL
     assert loops[-1].kind == tirx.ForKind.VECTORIZED
+
+
+def test_injective_vectorizes_a_row_no_vector_width_divides():
+    """A zero-point pad to rows of 87 (rec's 5x5 depthwise inputs): 80 columns in vectors of
+    16, the last 7 partitioned off."""
+    mod = _module((1, 24, 12, 83), "uint8", lambda bb, x: bb.emit(
+        relax.op.nn.pad(x, [0, 0, 0, 0, 2, 2, 2, 2], pad_value=17.0)))
+    func = Injective().apply(_kernel(_fused_kernels(mod), "pad"), TARGET, False).mod["main"]
+    loops = _loops(func)
+    assert loops[0].kind == tirx.ForKind.PARALLEL
+    assert [(lp.kind, int(lp.extent)) for lp in loops if lp.kind != tirx.ForKind.PARALLEL][-3:] \
+        == [(tirx.ForKind.SERIAL, 5), (tirx.ForKind.VECTORIZED, 16), (tirx.ForKind.SERIAL, 7)]
 
 
 def test_injective_computes_an_upsampled_value_once():
