@@ -109,6 +109,17 @@ def _padded_conv_with_table(lut_dtype: str = "uint8", shared_pad: bool = False,
     return bb.get()
 
 
+def _assert_same_on_fresh_inputs(after, before, shape):
+    """The dispatched module computes what the original computes, on fresh uint8 inputs."""
+    if not _cpu_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI (avx512_vnni not in /proc/cpuinfo)")
+    vm_a = relax.VirtualMachine(tvm.compile(after, TARGET), tvm.cpu())
+    vm_b = relax.VirtualMachine(tvm.compile(before, TARGET), tvm.cpu())
+    for _ in range(2):
+        x = tvm.runtime.tensor(np.random.default_rng().integers(0, 256, shape).astype("uint8"))
+        np.testing.assert_array_equal(vm_a["main"](x).numpy(), vm_b["main"](x).numpy())
+
+
 @pytest.mark.parametrize("lut_dtype", ["uint8", "int8"])
 def test_pad_and_lookup_table_join_the_kernel(lut_dtype):
     mod = _padded_conv_with_table(lut_dtype)
@@ -124,14 +135,7 @@ def test_pad_and_lookup_table_join_the_kernel(lut_dtype):
     assert x.same_as(after["main"].params[0])  # the unpadded input
     assert const_value(table).shape == (65536,)
     assert str(call.ty.dtype) == lut_dtype
-    if not _cpu_has_vnni():
-        pytest.skip("this CPU has no AVX-512 VNNI (avx512_vnni not in /proc/cpuinfo)")
-    vm_a = relax.VirtualMachine(tvm.compile(after, TARGET), tvm.cpu())
-    vm_b = relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
-    for _ in range(2):
-        x = tvm.runtime.tensor(np.random.default_rng().integers(0, 256, (1, 12, 11, 14))
-                               .astype("uint8"))
-        np.testing.assert_array_equal(vm_a["main"](x).numpy(), vm_b["main"](x).numpy())
+    _assert_same_on_fresh_inputs(after, mod, (1, 12, 11, 14))
 
 
 @pytest.mark.parametrize("lut_dtype", ["uint8", "int8"])
@@ -157,14 +161,7 @@ def test_depthwise_conv_joins_its_kernel_with_pad_and_table(lut_dtype):
     assert [int(v) for v in pad.value.attrs.pad_width] == [0, 0, 0, 0, 1, 2, 2, 18]
     assert float(pad.value.attrs.pad_value) == 131.0
     assert str(call.ty.dtype) == lut_dtype
-    if not _cpu_has_vnni():
-        pytest.skip("this CPU has no AVX-512 VNNI (avx512_vnni not in /proc/cpuinfo)")
-    vm_a = relax.VirtualMachine(tvm.compile(after, TARGET), tvm.cpu())
-    vm_b = relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
-    for _ in range(2):
-        x = tvm.runtime.tensor(np.random.default_rng().integers(0, 256, (1, 12, 11, 14))
-                               .astype("uint8"))
-        np.testing.assert_array_equal(vm_a["main"](x).numpy(), vm_b["main"](x).numpy())
+    _assert_same_on_fresh_inputs(after, mod, (1, 12, 11, 14))
 
 
 def test_a_shared_pad_stays_for_its_other_users():
