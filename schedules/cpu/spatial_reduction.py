@@ -124,13 +124,25 @@ class SpatialReduction(InPlaceRule):
         return sch
 
 
+def _last_var(block, kinds: str, kind: str):
+    """The block's last iteration variable of ``kind`` ("S" spatial, "R" reduction)."""
+    return [iv.var for iv, k in zip(block.iter_vars, kinds) if k == kind][-1]
+
+
+def _stride(index, var) -> int:
+    """The constant coefficient of ``var`` in ``index`` (0 when not linear in it)."""
+    from tvm.sym import detect_linear_equation
+
+    coef = detect_linear_equation(index, [var])
+    return int(coef[0]) if len(coef) == 2 and isinstance(coef[0], tirx.IntImm) else 0
+
+
 def _reduces_along_rows(block, kinds: str) -> bool:
     """Whether the input's contiguous axis is summed over and not an output axis (a global
     mean over H, W): vectorizing the output axis would then gather."""
     from tvm.ir.expr import Var
 
-    s_var = [iv.var for iv, k in zip(block.iter_vars, kinds) if k == "S"][-1]
-    r_var = [iv.var for iv, k in zip(block.iter_vars, kinds) if k == "R"][-1]
+    s_var, r_var = _last_var(block, kinds, "S"), _last_var(block, kinds, "R")
     out = block.writes[0].source
     found = False
     for region in block.reads:
@@ -174,28 +186,19 @@ def _rows_reduced_in_vectors(sch, infos, red, s_loops, r_loops, lanes) -> bool:
 
 def _reads_with_stride(block, kinds: str) -> bool:
     """Whether ``block`` reads a buffer at a stride other than 1 along its last spatial axis."""
-    from tvm.sym import detect_linear_equation
-
-    var = [iv.var for iv, k in zip(block.iter_vars, kinds) if k == "S"][-1]
-    for region in block.reads:
-        for rng in region.region:
-            coef = detect_linear_equation(rng.min, [var])
-            if len(coef) == 2 and isinstance(coef[0], tirx.IntImm) and abs(int(coef[0])) > 1:
-                return True
-    return False
+    var = _last_var(block, kinds, "S")
+    return any(abs(_stride(rng.min, var)) > 1 for region in block.reads
+               for rng in region.region)
 
 
 def _deinterleave(sch: s_tir.Schedule, block, kinds: str):
     """A copy of the input read at a stride along the row, deinterleaved, or ``None``."""
-    from tvm.sym import detect_linear_equation
-
     stmt = sch.get(block)
-    var = [iv.var for iv, k in zip(stmt.iter_vars, kinds) if k == "S"][-1]
+    var = _last_var(stmt, kinds, "S")
     for i, region in enumerate(stmt.reads):
-        coef = detect_linear_equation(region.region[-1].min, [var])
-        if len(coef) != 2 or not isinstance(coef[0], tirx.IntImm) or int(coef[0]) <= 1:
+        s = _stride(region.region[-1].min, var)
+        if s <= 1:
             continue
-        s = int(coef[0])
         width = region.source.shape[-1]
         if not isinstance(width, tirx.IntImm) or int(width) % s:
             return None  # (an odd width would need a padded copy)
