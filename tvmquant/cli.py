@@ -373,9 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", default="kl",
                    choices=["kl", "kl-int8", "measured", "hessian"],
                    help="sensitivity measure: kl (only that layer quantized, ZeroQ), kl-int8 "
-                        "(the change from uniform int8, other layers int8), measured (the "
-                        "same through the real pipeline: one build per layer and precision, "
-                        "slow), hessian (HAWQ-V2 trace) (default: kl)")
+                        "(the change from uniform int8 with every quantized tensor "
+                        "simulated, one compiled module), measured (the same through the "
+                        "real pipeline: one build per layer and precision, slow), hessian "
+                        "(HAWQ-V2 trace) (default: kl)")
     p.add_argument("--sensitivity-samples", type=_positive_int, default=4, metavar="N",
                    help="calibration samples used for sensitivity (default: 4)")
     p.add_argument("--latency-table", metavar="FILE",

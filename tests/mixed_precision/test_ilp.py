@@ -8,8 +8,10 @@ import pytest
 from tvmquant.mixed_precision.ilp import (
     Budget,
     InfeasibleBudget,
+    monotone,
     pareto_sweep,
     parse_budget,
+    prune_dominated,
     solve,
     total,
 )
@@ -110,3 +112,37 @@ def test_pareto_front_is_monotone():
     s = [p["sensitivity"] for p in front]
     assert cost == sorted(cost) and all(a > b for a, b in itertools.pairwise(s))
     assert front[-1]["sensitivity"] == 0.0  # everything float once the budget allows it
+
+
+def test_monotone_sensitivity():
+    """Anchored at int8: int4 costs at least int8's, float at most int8's."""
+    sens = {"a": {"float": -0.1, "int8": 0.0, "int4": -0.05},  # int4 "better": noise
+            "b": {"float": 0.02, "int8": 0.0, "int4": 0.3},  # float "worse": noise
+            "c": {"int8": 0.5, "int4": 0.2},
+            "d": {"float": 0.1, "int4": 0.05}}  # no int8: running max from float
+    assert monotone(sens, P) == {"a": {"float": -0.1, "int8": 0.0, "int4": 0.0},
+                                 "b": {"float": 0.0, "int8": 0.0, "int4": 0.3},
+                                 "c": {"int8": 0.5, "int4": 0.5},
+                                 "d": {"float": 0.1, "int4": 0.1}}
+
+
+def test_prune_dominated_keeps_real_savings_only():
+    sens = {"a": {"float": -0.1, "int8": 0.0, "int4": 0.0},
+            "b": {"float": -0.1, "int8": 0.0, "int4": 0.2}}
+    lat = {"a": {"float": 2.0, "int8": 1.0, "int4": 0.98},  # 2% faster: noise
+           "b": {"float": 2.0, "int8": 1.0, "int4": 0.6}}  # 40% faster: a saving
+    size = {n: {"float": 32.0, "int8": 8.0, "int4": 4.0} for n in sens}
+    costs = {"latency": lat, "size": size}
+    assert prune_dominated(sens, costs, ["latency"], {"latency": 0.05}, P) == {
+        "a": {"float": -0.1, "int8": 0.0}, "b": sens["b"]}
+    # with a size budget too, int4's bytes are a saving on every layer (on "a", with no
+    # more error, int4 is the better of the two)
+    assert prune_dominated(sens, costs, ["latency", "size"], {"latency": 0.05}, P) == {
+        "a": {"float": -0.1, "int4": 0.0}, "b": sens["b"]}
+    # without a tolerance, 2% is a saving (and at no more error, int4 beats int8 outright)
+    assert prune_dominated(sens, costs, ["latency"], {}, P)["a"] == {"float": -0.1,
+                                                                      "int4": 0.0}
+    # a candidate as sensitive as and costlier than another goes, whatever its precision
+    worse = {"a": {"float": 0.0, "int8": 0.0}}
+    assert prune_dominated(worse, {"latency": {"a": {"float": 2.0, "int8": 1.0}}},
+                           ["latency"], {}, P) == {"a": {"int8": 0.0}}

@@ -8,6 +8,7 @@ import pytest
 from tvmquant.passes import canonicalize_pipeline
 from tvmquant.passes.lower_to_integer_only import FALLBACK_ATTR
 
+import tvmquant
 from tvmquant.mixed_precision import latency as L
 from tvmquant.mixed_precision.layers import anchor_layers, assignment_config
 from tvmquant.testing import mlp, small_convnet
@@ -72,6 +73,11 @@ def test_table_measures_only_what_it_lacks(sources, tmp_path, monkeypatch):
     L.measure_latencies(sources[:1], ["int8"], "x86-avx512", L.LatencyTable(path),
                         progress=False)
     assert len(calls) == 13
+    # and so are other kernels (an edited schedule, another TVM): measured again
+    assert len(L.kernels_fingerprint()) == 12
+    monkeypatch.setattr(L, "kernels_fingerprint", lambda: "newkernels00")
+    L.measure_latencies(sources[:1], ["int8"], TARGET, L.LatencyTable(path), progress=False)
+    assert len(calls) == 14
 
 
 def test_shapes_shared_across_models_are_measured_once(tmp_path, monkeypatch):
@@ -118,3 +124,41 @@ def test_latencies_through_rpc_tracker(sources, tmp_path):
     assert all(row["int8"] > 0 for row in got.values())
     (tkey,) = table.data
     assert tkey.endswith("@tvmquant-mp")
+
+
+@pytest.fixture(scope="module")
+def quantized_sources():
+    from tvmquant.mixed_precision.layers import attach_qparams
+    from tvmquant.testing import random_inputs
+
+    q8 = tvmquant.quantize(small_convnet(), random_inputs(4), "int8", progress=False)
+    return attach_qparams(anchor_layers(q8.float_mod), q8)
+
+
+def test_activation_region_joins_its_layer(quantized_sources):
+    """The depthwise conv's hard-swish (which alone reads it) is timed with it; the first
+    conv's output feeds a residual add too, so it has none."""
+    by_name = {s.info.name: s for s in quantized_sources}
+    dw = by_name["conv2d_2"]
+    assert dw.info.activation == "add(3),clip(0/6),multiply,divide(6)"
+    assert "act=add(3)" in dw.info.key()
+    assert len(dw.activation) == 4 and dw.activation_qparams[2] in ("uint8", "int8")
+    assert dw.output_qparams[2] == "int16"  # a lookup table's input grid
+    assert by_name["conv2d_0"].info.activation is None and not by_name["conv2d_0"].activation
+
+
+def test_layer_with_activation_is_a_table_when_integer(quantized_sources):
+    from helpers import run_module
+
+    dw = {s.info.name: s for s in quantized_sources}["conv2d_2"]
+    integer = L.layer_module(dw, "int8")["main"].script()
+    assert "R.take" in integer and "R.dequantize" not in integer and "R.clip(" in integer
+    floating = L.layer_module(dw, "float")["main"].script()
+    assert "R.take" not in floating and "R.multiply" in floating
+    # the lowered table computes what the quantize/dequantize form computes (to a code)
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, dw.info.input_shape).astype(dw.input_qparams[2])
+    got = run_module(L.layer_module(dw, "int8"), x).astype(np.int32)
+    ref = run_module(L.layer_module(dw, "int8", lower=False), x).astype(np.int32)
+    assert np.abs(got - ref).max() <= 1 and np.mean(got != ref) < 0.01
+    assert len(np.unique(got)) > 8

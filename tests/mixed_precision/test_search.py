@@ -62,6 +62,36 @@ def test_plots(result):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sensitivity_bars_show_gains_below_zero(tmp_path, monkeypatch):
+    """A change from uniform int8 is negative where float helps: those bars are drawn
+    below zero (symmetric log), with every precision that is not zero everywhere."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from tvmquant.mixed_precision.plots import sensitivity_bars
+
+    seen = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        seen["scale"] = ax.get_yscale()
+        seen["labels"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        seen["heights"] = sorted(b.get_height() for b in ax.patches)
+        return real_savefig(fig, *args, **kwargs)
+
+    sens = {"a": {"float": -0.3, "int8": 0.0, "int4": 0.1},
+            "b": {"float": -0.001, "int8": 0.0, "int4": 0.02}}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    path = sensitivity_bars(sens, tmp_path / "bars.png")
+    plt.close("all")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert seen["scale"] == "symlog" and seen["labels"] == ["float", "int4"]
+    assert seen["heights"] == [-0.3, -0.001, 0.02, 0.1]
+
+
 def test_never_beaten_by_a_feasible_random_assignment(result):
     """Same tables: a random assignment within the budgets never has less sensitivity."""
     r, _ = result
@@ -93,3 +123,25 @@ def test_search_errors():
         mp.search(small_convnet(), random_inputs(2), TARGET, size_budget=10,
                   progress=False)
 
+
+
+def test_int8_context_search_under_a_latency_budget(result):
+    """``kl-int8`` on the simulator; under a latency budget alone, int4 is taken only where
+    it is measurably faster than int8 (beyond the noise tolerance); the whole choice is
+    simulated next to uniform int8."""
+    _, folder = result
+    r = mp.search(small_convnet(channels=16, size=24), random_inputs(4, shape=(1, 3, 24, 24)),
+                  TARGET, latency_budget="1.3x-int8", sensitivity="kl-int8",
+                  latency_table=folder / "lat.json", cache=folder / "sens.json",
+                  progress=False, pareto_points=4)
+    assert r.report["sensitivity_measure"] == "kl-int8"
+    assert all(row["int8"] == 0.0 for row in r.sensitivity.values())
+    for name, precision in r.assignment.items():
+        if precision == "int4":
+            assert r.latency[name]["int4"] < r.latency[name]["int8"] / (1 + mp.LATENCY_NOISE)
+        row = r.sensitivity[name]
+        assert row["float"] <= row["int8"] <= row["int4"]  # monotone
+    sim = r.report["simulated_divergence"]
+    assert sim["uniform_int8"] > 0 and sim["chosen"] >= 0
+    if all(p == "int8" for p in r.assignment.values()):
+        assert sim["chosen"] == sim["uniform_int8"]

@@ -116,40 +116,6 @@ def test_kl_sensitivity_and_its_cache(convnet, tmp_path, monkeypatch):
     assert again == sens
 
 
-def test_kl_sensitivity_in_the_int8_context(convnet):
-    """``context="int8"``: the change from the uniform int8 model's divergence, other layers
-    int8. Checked against a direct computation on the lifted module."""
-    mod, sources, samples = convnet
-    precisions = ["float", "int8", "int4"]
-    sens = S.kl_sensitivity(mod, sources, samples, precisions, progress=False,
-                            context="int8")
-    lifted = S.lift_weights(mod, sources, activations=True)
-    off = np.array([0, 1, 0, 0], np.float32)
-
-    def args(precision_of):
-        ws = [S.fake_quant_weight(s.weight, precision_of(i), s.info.op)
-              for i, s in enumerate(sources)]
-        acts = [np.array([1, s.output_qparams[0], s.output_qparams[1], 0], np.float32)
-                if precision_of(i) != "float" else off for i, s in enumerate(sources)]
-        return ws + acts
-
-    def divergence(precision_of):
-        return np.mean([S.output_divergence(
-            [run_module(mod, x["x"])], [run_module(lifted, x["x"], *args(precision_of))])
-            for x in samples])
-
-    uniform = divergence(lambda i: "int8")
-    assert uniform > 0
-    for layer in (0, len(sources) - 1):
-        for p in ("float", "int4"):
-            direct = divergence(lambda i, p=p, j=layer: p if i == j else "int8") - uniform
-            assert sens[sources[layer].info.name][p] == pytest.approx(direct, rel=1e-3,
-                                                                      abs=1e-9)
-    assert all(row["int8"] == 0.0 for row in sens.values())
-    with pytest.raises(ValueError, match="context"):
-        S.kl_sensitivity(mod, sources, samples, precisions, progress=False, context="int4")
-
-
 def test_differentiable_form_structure():
     def function(body):
         return one_input_module(body, (1, 4, 6))

@@ -9,6 +9,7 @@ no offset). Ties in sensitivity go to the cheaper assignment (a second solve).
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,66 @@ def solve(sensitivity: Mapping[str, Mapping[str, float]],
     return chosen
 
 
+def monotone(sensitivity: Mapping[str, Mapping[str, float]], order: Sequence[str],
+             reference: str = "int8") -> dict[str, dict[str, float]]:
+    """Sensitivities made monotone in precision, anchored at ``reference``.
+
+    ``order`` lists precisions from the most to the least precise. A less precise candidate
+    is not credited with less error than a more precise one of the same layer (it costs at
+    least the reference's, and at least every more precise one's), and a more precise one
+    with more: measured that way, the difference is sampling noise, and an ILP that sums
+    such "free" int4 layers (each alone a little better than int8 on a few samples) breaks
+    the model.
+    """
+    out = {}
+    for layer, row in sensitivity.items():
+        ps = [p for p in order if p in row]
+        new = dict(row)
+        if reference in row:
+            i = ps.index(reference)
+            for a, b in zip(ps[i:], ps[i + 1:]):  # less precise: running max
+                new[b] = max(new[b], new[a])
+            for a, b in zip(ps[i::-1], ps[i - 1::-1] if i else []):  # more precise: min
+                new[b] = min(new[b], new[a])
+        else:
+            for a, b in itertools.pairwise(ps):
+                new[b] = max(new[b], new[a])
+        out[layer] = new
+    return out
+
+
+def prune_dominated(sensitivity: Mapping[str, Mapping[str, float]],
+                    costs: Mapping[str, Mapping[str, Mapping[str, float]]],
+                    kinds: Sequence[str], tolerance: Mapping[str, float] | None = None,
+                    order: Sequence[str] = ("float", "int8", "int4")
+                    ) -> dict[str, dict[str, float]]:
+    """Drop each layer's candidates that another candidate dominates: no more sensitive and
+    no more costly in any of ``kinds`` (within ``tolerance[kind]``, relative: latencies are
+    measured, and a saving inside their noise is not one). Of equally sensitive candidates
+    the more precise (earlier in ``order``) is kept first; then what another kept candidate
+    dominates exactly goes too. Returns the pruned sensitivity
+    table (:func:`solve` takes a layer's candidates from it)."""
+    tolerance = dict(tolerance or {})
+    out = {}
+    for layer, row in sensitivity.items():
+        keep: dict[str, float] = {}
+        # least sensitive (then most precise) first: a candidate goes if one kept before it
+        # is as cheap in every kind, within the tolerance
+        rank = {p: (order.index(p) if p in order else len(order)) for p in row}
+        for p in sorted(row, key=lambda p: (row[p], rank[p])):
+            if not any(all(costs[k][layer][q] <= costs[k][layer][p] * (1 + tolerance.get(k, 0.0))
+                           for k in kinds) for q in keep):
+                keep[p] = row[p]
+
+        def dominates(q, p):  # Pareto, exactly: no worse anywhere, better somewhere
+            pairs = [(keep[q], keep[p])] + [(costs[k][layer][q], costs[k][layer][p])
+                                            for k in kinds]
+            return all(a <= b for a, b in pairs) and any(a < b for a, b in pairs)
+
+        out[layer] = {p: v for p, v in keep.items() if not any(dominates(q, p) for q in keep)}
+    return out
+
+
 def total(assignment: Mapping[str, str], table: Mapping[str, Mapping[str, float]],
           offset: float = 0.0) -> float:
     """``offset + sum table[layer][assignment[layer]]``."""
@@ -154,4 +215,5 @@ def pareto_sweep(sensitivity, costs, kind: str, limits: Sequence[float],
     return front
 
 
-__all__ = ["Budget", "InfeasibleBudget", "pareto_sweep", "parse_budget", "solve", "total"]
+__all__ = ["Budget", "InfeasibleBudget", "monotone", "pareto_sweep", "parse_budget",
+           "prune_dominated", "solve", "total"]

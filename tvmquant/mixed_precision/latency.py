@@ -3,12 +3,13 @@
 Each layer is rebuilt alone, the way it runs inside the integer graph: its input codes in
 (with the int8 model's scale, zero point and dtype, see
 :func:`~tvmquant.mixed_precision.layers.attach_qparams`),
-``dequantize -> op (-> bias -> clamp) -> quantize`` lowered by
+``dequantize -> op (-> bias -> clamp) (-> activation) -> quantize`` lowered by
 :class:`~tvmquant.passes.LowerToIntegerOnly` (for ``float``: left in float between the two),
 compiled by :func:`tvmquant.build` for the target (so with the dispatched, scheduled kernels
 and tuned records if given), and timed with ``time_evaluator``. The table is a JSON file,
 written atomically after every measurement (an interrupted run keeps what it measured) and
-reused by every model with a layer of the same key on the same target.
+reused by every model with a layer of the same key on the same target, as long as the
+kernels are the same (:func:`kernels_fingerprint` is part of the target's key).
 
 The end-to-end latency of an assignment is predicted as ``rest + sum of its layers`` where
 ``rest`` (the non-anchor ops: activations, pooling, resizes, ...) is measured once as the
@@ -38,11 +39,29 @@ from .layers import LayerSource, weight_spec
 logger = logging.getLogger(__name__)
 
 
+def kernels_fingerprint() -> str:
+    """A digest of what a layer's latency depends on besides the target: TVM's version and
+    the source of tvmquant's kernels and lowering (a table measured with older kernels is
+    stale, and is not reused)."""
+    import hashlib
+
+    from .. import passes, schedules
+
+    h = hashlib.sha256(tvm.__version__.encode())
+    for package in (schedules, passes):
+        for path in sorted(Path(p) for d in package.__path__ for p in Path(d).rglob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def target_key(target: tvm.target.Target) -> str:
-    """A stable string naming a target in the table (kind, CPU, features, cores)."""
+    """A stable string naming a target and the kernels in the table (kind, CPU, features,
+    cores; :func:`kernels_fingerprint`)."""
     t = target.export() if hasattr(target, "export") else {}
     keep = {k: t[k] for k in ("kind", "mtriple", "mcpu", "mattr", "num-cores") if k in t}
-    return json.dumps(keep, sort_keys=True, default=str) if keep else str(target)
+    keep["kernels"] = kernels_fingerprint()
+    return json.dumps(keep, sort_keys=True, default=str)
 
 
 class LatencyTable:
@@ -79,8 +98,11 @@ class LatencyTable:
         return sum(len(p) for layers in self.data.values() for p in layers.values())
 
 
-def layer_module(src: LayerSource, precision: str) -> tvm.IRModule:
-    """The layer alone, 8-bit codes in and out, lowered like the integer graph lowers it."""
+def layer_module(src: LayerSource, precision: str, *, lower: bool = True) -> tvm.IRModule:
+    """The layer alone, 8-bit codes in and out, lowered like the integer graph lowers it;
+    with the activation that alone reads it (``src.activation``), which is a lookup table
+    of its codes when the layer is integer and float ops when it is float. ``lower=False``:
+    the quantize/dequantize form before :class:`~tvmquant.passes.LowerToIntegerOnly`."""
     info = src.info
     (in_scale, in_zp, in_dtype), (out_scale, out_zp, out_dtype) = (src.input_qparams,
                                                                    src.output_qparams)
@@ -105,11 +127,24 @@ def layer_module(src: LayerSource, precision: str) -> tvm.IRModule:
             if src.clamp is not None:
                 y = bb.emit(relax.Call(src.clamp.op, [y, *src.clamp.args[1:]],
                                        src.clamp.attrs))
+            if src.activation:  # hard-swish & co.: a lookup table of the layer's codes
+                if spec is not None:
+                    y = bb.emit(relax.op.dequantize(relax.op.quantize(
+                        y, relax.const(out_scale, f32), relax.const(out_zp, "int32"),
+                        out_dtype=out_dtype), relax.const(out_scale, f32),
+                        relax.const(out_zp, "int32")))
+                remap = {src.output: y}
+                for var, value in zip(src.activation, src.activation_values):
+                    args = [remap.get(a, a) if isinstance(a, relax.Var) else a
+                            for a in value.args]
+                    remap[var] = bb.emit(relax.Call(value.op, args, value.attrs))
+                y = remap[src.activation[-1]]
+                out_scale, out_zp, out_dtype = src.activation_qparams
             out = bb.emit_output(relax.op.quantize(
                 y, relax.const(out_scale, f32), relax.const(out_zp, "int32"),
                 out_dtype=out_dtype))
         bb.emit_func_output(out)
-    mod = LowerToIntegerOnly()(bb.get())
+    mod = LowerToIntegerOnly()(bb.get()) if lower else bb.get()
     return relax.transform.FoldConstant()(mod)
 
 
@@ -190,5 +225,5 @@ def predict(assignment: dict[str, str], latencies: dict[str, dict[str, float]],
     return rest_ms + sum(latencies[name][p] for name, p in assignment.items())
 
 
-__all__ = ["LatencyTable", "layer_module", "measure_latencies", "measure_layer", "predict",
-           "target_key", "time_module"]
+__all__ = ["LatencyTable", "kernels_fingerprint", "layer_module", "measure_latencies",
+           "measure_layer", "predict", "target_key", "time_module"]

@@ -62,6 +62,9 @@ class LayerInfo:
     # a pad or a subtraction, and decides which kernel runs), output codes' dtype
     input_zp_zero: bool = False
     output_dtype: str = "uint8"
+    # the elementwise activation the layer's output feeds alone (hard-swish's ops), timed
+    # with the layer: a lookup table when the layer is integer, float ops when it is not
+    activation: str | None = None
 
     @property
     def weights(self) -> int:
@@ -78,7 +81,8 @@ class LayerInfo:
         attrs = ",".join(f"{k}={v}" for k, v in self.attrs)
         return (f"{self.op}|in={list(self.input_shape)}|w={list(self.weight_shape)}|"
                 f"bias={int(self.has_bias)}|clamp={self.clamp}|zp0={int(self.input_zp_zero)}|"
-                f"out={self.output_dtype}|{attrs}")
+                f"out={self.output_dtype}|{attrs}" +
+                (f"|act={self.activation}" if self.activation else ""))
 
 
 @dataclass
@@ -95,6 +99,11 @@ class LayerSource:
     # (scale, zero point, dtype) of the input and output codes in the int8 model
     input_qparams: tuple[float, int, str] = (0.02, 128, "uint8")
     output_qparams: tuple[float, int, str] = (0.05, 0, "uint8")
+    # the activation region (bindings in order, the last one its output) and the grid of
+    # its output codes
+    activation: tuple[relax.Var, ...] = ()
+    activation_values: tuple[relax.Call, ...] = ()
+    activation_qparams: tuple[float, int, str] = (0.05, 0, "uint8")
 
 
 _ATTR_FIELDS = ("strides", "padding", "dilation", "groups", "data_layout", "kernel_layout",
@@ -128,6 +137,10 @@ def anchor_layers(float_mod: tvm.IRModule, func_name: str = "main") -> list[Laye
     """The anchors with constant weights of a canonical float module, in dataflow order."""
     func = float_mod[func_name]
     plan = plan_quantization(func, get_preset("int8"))
+    users: dict = {}
+    for var, value in plan.bindings.items():
+        for arg in _var_args(value):
+            users.setdefault(arg, []).append(var)
     out = []
     for layer in plan.layers:
         if layer.kind != "anchor" or layer.weight is None:
@@ -146,14 +159,54 @@ def anchor_layers(float_mod: tvm.IRModule, func_name: str = "main") -> list[Laye
                 bias = next(a for a in value.args if isinstance(a, Constant))
             else:
                 clamp = value
+        region = _activation_region(plan, layer.output, users)
         info = LayerInfo(
             name=layer.name, op=layer.op, input_shape=tuple(in_shape),
             weight_shape=tuple(weight.shape), output_shape=tuple(out_shape),
             attrs=_attrs(call), macs=_macs(layer.op, in_shape, weight.shape, out_shape),
             has_bias=bias is not None,
-            clamp=None if clamp is None else clamp.op.name.split(".")[-1])
-        out.append(LayerSource(info, layer.members[0], call, weight, bias, clamp, layer.output))
+            clamp=None if clamp is None else clamp.op.name.split(".")[-1],
+            activation=",".join(_activation_text(plan.bindings[m]) for m in region) or None)
+        out.append(LayerSource(info, layer.members[0], call, weight, bias, clamp, layer.output,
+                               activation=region,
+                               activation_values=tuple(plan.bindings[m] for m in region)))
     return out
+
+
+def _var_args(value) -> list:
+    out = []
+    for a in getattr(value, "args", []) or getattr(value, "fields", []):
+        if isinstance(a, relax.Var):
+            out.append(a)
+        elif isinstance(a, relax.Tuple):
+            out += [f for f in a.fields if isinstance(f, relax.Var)]
+    return out
+
+
+def _activation_region(plan, output: relax.Var, users: dict) -> tuple[relax.Var, ...]:
+    """The elementwise region that alone reads ``output`` and has one exit (hard-swish
+    after a convolution), in binding order; empty if there is none."""
+    exits = [lay for lay in plan.layers if lay.kind == "unary" and lay.inputs == [output]]
+    if len(exits) != 1:
+        return ()
+    members = list(exits[0].members)
+    if not members or members[-1] is not exits[0].output:
+        members = [m for m in members if m is not exits[0].output] + [exits[0].output]
+    inside = set(members)
+    if not all(u in inside for u in users.get(output, [])):
+        return ()  # the layer's output is read elsewhere too
+    if any(u not in inside for m in members[:-1] for u in users.get(m, [])):
+        return ()  # another exit
+    return tuple(members)
+
+
+def _activation_text(value: relax.Call) -> str:
+    name = value.op.name.split(".")[-1]
+    consts = [f"{float(np.ravel(const_value(a))[0]):g}" for a in value.args
+              if isinstance(a, Constant)]
+    if name == "clip":
+        consts = [f"{float(a.value):g}" for a in value.args[1:]]
+    return name + (f"({'/'.join(consts)})" if consts else "")
 
 
 def attach_qparams(sources: list[LayerSource], quantized) -> list[LayerSource]:
@@ -177,8 +230,13 @@ def attach_qparams(sources: list[LayerSource], quantized) -> list[LayerSource]:
     for src in sources:
         qin = qparams(src.call.args[0]) or src.input_qparams
         qout = (qparams(src.output) if src.output is not None else None) or src.output_qparams
-        info = dataclasses.replace(src.info, input_zp_zero=qin[1] == 0, output_dtype=qout[2])
-        out.append(dataclasses.replace(src, info=info, input_qparams=qin, output_qparams=qout))
+        qact = qparams(src.activation[-1]) if src.activation else None
+        region = {} if qact is not None else {"activation": (), "activation_values": ()}
+        info = dataclasses.replace(src.info, input_zp_zero=qin[1] == 0, output_dtype=qout[2],
+                                   **({} if qact is not None else {"activation": None}))
+        out.append(dataclasses.replace(src, info=info, input_qparams=qin, output_qparams=qout,
+                                       activation_qparams=qact or src.activation_qparams,
+                                       **region))
     return out
 
 

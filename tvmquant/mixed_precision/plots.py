@@ -19,16 +19,27 @@ def _pyplot():
 
 def sensitivity_bars(sensitivity: Mapping[str, Mapping[str, float]], path: str | Path,
                      title: str = "per-layer sensitivity") -> Path:
-    """Bars of each layer's sensitivity per quantized precision (log scale)."""
+    """Bars of each layer's sensitivity per precision that is not zero everywhere (log
+    scale; symmetric log when some are negative, as the change from uniform int8 is for a
+    layer that float helps)."""
     plt = _pyplot()
     layers = list(sensitivity)
-    precisions = [p for p in ("int8", "int4") if any(p in sensitivity[x] for x in layers)]
+    values = [v for x in layers for v in sensitivity[x].values()]
+    precisions = [p for p in ("float", "int8", "int4")
+                  if any(sensitivity[x].get(p, 0.0) != 0.0 for x in layers)]
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(layers) + 2), 4))
     width = 0.8 / max(1, len(precisions))
+    signed = any(v < 0 for v in values)
     for i, p in enumerate(precisions):
         xs = [j + i * width for j in range(len(layers))]
-        ax.bar(xs, [max(sensitivity[x].get(p, 0.0), 1e-12) for x in layers], width, label=p)
-    ax.set_yscale("log")
+        ys = [sensitivity[x].get(p, 0.0) for x in layers]
+        ax.bar(xs, ys if signed else [max(y, 1e-12) for y in ys], width, label=p)
+    if signed:
+        tiny = min((abs(v) for v in values if v != 0.0), default=1e-6)
+        ax.set_yscale("symlog", linthresh=max(tiny, 1e-9))
+        ax.axhline(0.0, color="black", linewidth=0.5)
+    else:
+        ax.set_yscale("log")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))])
     ax.set_xticklabels(layers, rotation=90, fontsize=6)
     ax.set_ylabel("sensitivity (output divergence)")

@@ -31,15 +31,19 @@ from .latency import LatencyTable, measure_latencies, target_key, time_module
 from .layers import PRECISIONS, anchor_layers, assignment_config, attach_qparams
 from .sensitivity import (
     SensitivityCache,
+    cache_key,
     hessian_sensitivity,
     hutchinson_traces,
     kl_sensitivity,
     measured_sensitivity,
 )
+from .simulate import AssignmentSimulator, assignment_sensitivity
 
 logger = logging.getLogger(__name__)
 
 SENSITIVITIES = ("kl", "kl-int8", "measured", "hessian")
+LATENCY_NOISE = 0.05
+"""Relative difference between two measured layer latencies taken as noise, not a saving."""
 
 
 @dataclass
@@ -58,6 +62,10 @@ class MixedPrecisionResult:
     uniform: dict[str, dict[str, float]]
     pareto: list[dict] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
+
+
+def _simulator(q8, sources, target) -> AssignmentSimulator:
+    return AssignmentSimulator(q8.float_mod, q8.config, q8.ranges, sources, target=target)
 
 
 def _uniform(layers, precision):
@@ -84,6 +92,7 @@ def search(
     progress: bool = True,
     hessian_vectors: int = 32,
     rpc=None,
+    int8_ms: float | None = None,
 ) -> MixedPrecisionResult:
     """Choose each layer's precision under budgets; returns the quantized, compiled choice.
 
@@ -101,12 +110,18 @@ def search(
     precisions : sequence of str
         Candidates per layer, among ``float``, ``int8``, ``int4``.
     sensitivity : ``"kl"``, ``"kl-int8"``, ``"measured"`` or ``"hessian"``
-        ZeroQ-style output divergence with only that layer quantized (``kl``) or as the
-        change from uniform int8 with the other layers int8 (``kl-int8``), both on one
-        compiled float module; the same change measured through the real pipeline, one
-        calibration and build per layer and precision (``measured``: slow, and the
-        faithful one); or HAWQ-V2's Hessian trace times the weight perturbation
-        (Hutchinson, ``hessian_vectors`` vectors).
+        ZeroQ-style output divergence with only that layer quantized (``kl``, one compiled
+        float module); the change from uniform int8 when that layer alone moves off int8,
+        with every tensor the integer graph quantizes simulated (``kl-int8``, one compiled
+        module, :mod:`.simulate`); the same change through the real pipeline, one
+        calibration and build per layer and precision (``measured``: slow); or HAWQ-V2's
+        Hessian trace times the weight perturbation (Hutchinson, ``hessian_vectors``
+        vectors). Whichever it is, a layer's sensitivities are made monotone in precision
+        (:func:`~.ilp.monotone`), and candidates no cheaper than a less sensitive one of
+        the same layer (latencies within ``LATENCY_NOISE``) are dropped before the ILP
+        unless that leaves the budgets infeasible (:func:`~.ilp.prune_dominated`). For a
+        static config, the chosen assignment's divergence is simulated as a whole too
+        (``report["simulated_divergence"]``, next to uniform int8's).
     latency_table : LatencyTable or path, optional
         The table of measured layer latencies to use and extend (e.g.
         ``~/.cache/tvmquant/latency.json``); in memory if not given.
@@ -119,6 +134,10 @@ def search(
     rpc : tvmquant.tuning.RPCDevice, optional
         Measure every latency (layers and whole models) on the device behind TVM's RPC
         tracker instead of this machine; ``target`` must then describe that device.
+    int8_ms : float, optional
+        The uniform int8 model's end-to-end time on the target if already measured (a
+        previous search's ``report["latency_ms"]["uniform_int8_measured"]``): two searches
+        then share one baseline, and so one meaning of a relative budget.
     """
     from ..api import build, quantize
 
@@ -152,7 +171,8 @@ def search(
         raise ValueError("the model has no conv2d/matmul layer with constant weights to "
                          "choose a precision for")
     names = [s.info.name for s in sources]
-    e_int8 = time_module(build(q8, tgt, database=database), inputs, remote=remote)
+    e_int8 = int8_ms if int8_ms is not None else time_module(
+        build(q8, tgt, database=database), inputs, remote=remote)
 
     # 2. layer latencies
     table = latency_table if isinstance(latency_table, LatencyTable) else \
@@ -164,6 +184,7 @@ def search(
 
     # 3. sensitivity
     sens_cache = SensitivityCache(cache)
+    sim = None
     # spread over the calibration data (splits are often ordered: the first pages of det's
     # calibration split have no text at all, and a blank page measures nothing)
     step = max(1, len(samples) // sensitivity_samples)
@@ -171,15 +192,22 @@ def search(
     if sensitivity == "measured":
         sens = measured_sensitivity(mod, names, samples, sens_samples, precisions, base=base,
                                     target=tgt, progress=progress, cache=sens_cache)
-    elif sensitivity in ("kl", "kl-int8"):
+    elif sensitivity == "kl-int8":
+        sim = _simulator(q8, sources, tgt)
+        sens = assignment_sensitivity(
+            sim, sens_samples, precisions, progress=progress, cache=sens_cache,
+            key="sim-" + cache_key(float_mod, samples + sens_samples, {
+                "precisions": list(precisions), "config": repr(base),
+                "sensitivity_samples": len(sens_samples)}))
+    elif sensitivity == "kl":
         sens = kl_sensitivity(float_mod, sources, sens_samples, precisions, target=tgt,
-                              progress=progress, cache=sens_cache,
-                              context="int8" if sensitivity == "kl-int8" else "float")
+                              progress=progress, cache=sens_cache)
     else:
         traces = hutchinson_traces(float_mod, sources, sens_samples, vectors=hessian_vectors,
                                    target=tgt, progress=progress)
         sens = hessian_sensitivity(traces, sources, precisions)
-    sens = {n: {p: float(sens[n].get(p, 0.0)) for p in precisions} for n in names}
+    sens = ilp.monotone({n: {p: float(sens[n].get(p, 0.0)) for p in precisions}
+                         for n in names}, PRECISIONS)
 
     # 4. ILP
     info = {s.info.name: s.info for s in sources}
@@ -194,13 +222,29 @@ def search(
                       for kind in ilp.KINDS} | {"sensitivity": ilp.total(a, sens)}
     budgets = [ilp.parse_budget(kind, text, {p: uniform[p][kind] for p in precisions})
                for kind, text in budget_texts.items() if text is not None]
-    assignment = ilp.solve(sens, costs, budgets, offsets)
+    # a candidate no cheaper than a less sensitive one (latencies within their noise) is
+    # dropped first: int4 weights that save nothing on compute-bound kernels are not taken
+    # to pay for float layers; if that leaves no feasible assignment, all candidates count
+    pruned = ilp.prune_dominated(sens, costs, [b.kind for b in budgets],
+                                 {"latency": LATENCY_NOISE}, PRECISIONS)
+    try:
+        assignment = ilp.solve(pruned, costs, budgets, offsets)
+    except ilp.InfeasibleBudget:
+        assignment = ilp.solve(sens, costs, budgets, offsets)
     lat_budget = [b for b in budgets if b.kind == "latency"]
     others = [b for b in budgets if b.kind != "latency"]
     lo = rest + sum(min(lat[n].values()) for n in names)  # the fastest assignment
     hi = max(uniform[p]["latency"] for p in precisions)
     limits = np.geomspace(lo * 1.0001, hi * 1.0001, pareto_points)  # dense where it is tight
     front = ilp.pareto_sweep(sens, costs, "latency", limits, offsets, extra=others)
+
+    # the whole assignment's divergence, simulated (the ILP adds per-layer changes up)
+    simulated = None
+    if not base.dynamic:
+        sim = sim or _simulator(q8, sources, tgt)
+        sim_inputs, sim_refs = sim.prepare(sens_samples)
+        simulated = {"chosen": sim.divergence(sim_inputs, sim_refs, assignment),
+                     "uniform_int8": sim.divergence(sim_inputs, sim_refs, {})}
 
     # 5. the chosen model
     config = assignment_config(assignment, base)
@@ -224,6 +268,7 @@ def search(
         "size_bytes": ilp.total(assignment, costs["size"]),
         "bops": ilp.total(assignment, costs["bops"]),
         "total_sensitivity": ilp.total(assignment, sens),
+        "simulated_divergence": simulated,
         "uniform": uniform,
         "layers": [{"name": n, "op": info[n].op, "input_shape": list(info[n].input_shape),
                     "weight_shape": list(info[n].weight_shape), "macs": info[n].macs,
@@ -245,7 +290,10 @@ def write_plots(result: MixedPrecisionResult, folder: str | Path, stem: str = "m
     from .plots import pareto_plot, sensitivity_bars
 
     folder = Path(folder)
-    out = [sensitivity_bars(result.sensitivity, folder / f"{stem}-sensitivity.png")]
+    measure = result.report.get("sensitivity_measure", "kl")
+    title = ("per-layer sensitivity: change from uniform int8" if measure in
+             ("kl-int8", "measured") else f"per-layer sensitivity ({measure})")
+    out = [sensitivity_bars(result.sensitivity, folder / f"{stem}-sensitivity.png", title)]
     uniform = {p: (u["latency"], u["sensitivity"]) for p, u in result.uniform.items()}
     out.append(pareto_plot(result.pareto, folder / f"{stem}-pareto.png", uniform=uniform,
                            chosen=(result.predicted_ms,

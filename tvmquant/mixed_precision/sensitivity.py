@@ -7,11 +7,10 @@ Two measures, both against the float model's own outputs on calibration data:
     divergence of its output from the float output (:func:`output_divergence`), averaged over
     the samples. One compiled float module serves every layer and precision: the anchors'
     weights are lifted into function parameters (:func:`lift_weights`).
-``kl`` in the int8 context (``context="int8"``)
-    The same divergence, but every other layer is int8 (weights and output activation), and
-    the measure is the change from the uniform int8 model's divergence: what moving one
-    layer off int8 costs (or, for float, gains) where errors of the other layers are
-    already there to compound with.
+``kl`` in the int8 context (``kl-int8``)
+    The change from the uniform int8 model's divergence when one layer moves off int8, with
+    every tensor the integer graph quantizes simulated (:mod:`.simulate`): what moving a
+    layer costs (or, for float, gains) where the other layers' errors compound with it.
 ``measured``
     The real thing, slowly: quantize the model through the whole pipeline (calibration,
     integer lowering, build) with that one layer at that precision and every other layer
@@ -164,7 +163,7 @@ def _flatten(out) -> list[np.ndarray]:
     return [a for item in out for a in _flatten(item)]
 
 
-def _cache_key(float_mod, samples, settings: dict) -> str:
+def cache_key(float_mod, samples, settings: dict) -> str:
     h = hashlib.sha256()
     h.update(tvm.ir.save_json(float_mod).encode())
     for sample in samples:
@@ -199,25 +198,20 @@ class SensitivityCache:
 def kl_sensitivity(float_mod: tvm.IRModule, sources: Sequence[LayerSource],
                    samples: Sequence[dict], precisions: Sequence[str], *, target="llvm",
                    progress: bool = True, cache: SensitivityCache | None = None,
-                   activations: bool = True,
-                   context: str = "float") -> dict[str, dict[str, float]]:
+                   activations: bool = True) -> dict[str, dict[str, float]]:
     """ZeroQ-style sensitivity ``{layer: {precision: divergence}}``.
 
-    With ``context="float"`` only that layer is quantized (float scores 0): its weights at
-    the precision and, with ``activations``, its output on the int8 model's grid
-    (``LayerSource.output_qparams``), as the integer graph would; a layer left in float
-    keeps both in float. Without ``activations`` the measure is of the weights alone.
-    With ``context="int8"`` every other layer is int8 and the value is the divergence minus
-    the uniform int8 model's (int8 scores 0, float usually below 0).
+    Only that layer is quantized (float scores 0): its weights at the precision and, with
+    ``activations``, its output on the int8 model's grid (``LayerSource.output_qparams``),
+    as the integer graph would; a layer left in float keeps both in float. Without
+    ``activations`` the measure is of the weights alone. (The change from uniform int8,
+    with everything else quantized: :func:`.simulate.assignment_sensitivity`.)
     """
-    if context not in ("float", "int8"):
-        raise ValueError(f"context must be 'float' or 'int8', got {context!r}")
     from ..api import build
     from ..calibration.runner import check_sample, input_signature
 
-    key = "kl-" + _cache_key(float_mod, samples, {
+    key = "kl-" + cache_key(float_mod, samples, {
         "precisions": list(precisions), "activations": bool(activations),
-        **({"context": context} if context != "float" else {}),
         "grids": [list(s.output_qparams) for s in sources] if activations else []})
     if cache is not None and (hit := cache.get(key)) is not None and \
             set(hit) >= {s.info.name for s in sources}:
@@ -233,40 +227,21 @@ def kl_sensitivity(float_mod: tvm.IRModule, sources: Sequence[LayerSource],
         weights += [tvm.runtime.tensor(off) for _ in sources]
     refs = [_flatten(vm["main"](*x, *weights)) for x in inputs]
     n = len(sources)
-
-    def quantized(i, precision):
-        """The weight and activation arguments of layer ``i`` at ``precision``."""
-        src = sources[i]
-        w = tvm.runtime.tensor(fake_quant_weight(src.weight, precision, src.info.op))
-        scale, zp, _ = src.output_qparams
-        act = np.array([1.0, scale, zp, 0.0], np.float32) if precision != "float" else off
-        return w, tvm.runtime.tensor(act)
-
-    def divergence(args):
-        return float(np.mean([output_divergence(ref, _flatten(vm["main"](*x, *args)))
-                              for x, ref in zip(inputs, refs)]))
-
-    base, zero = list(weights), "float"
-    if context == "int8":
-        for i in range(n):
-            base[i], act = quantized(i, "int8")
-            if activations:
-                base[n + i] = act
-        zero = "int8"
-    offset = divergence(base) if context == "int8" else 0.0
     out: dict[str, dict[str, float]] = {}
     from tqdm.auto import tqdm
 
-    work = [(i, p) for i in range(n) for p in precisions if p != zero]
-    bar = tqdm(work, desc=f"sensitivity (kl, {context} context)", unit="run",
-               disable=not progress)
-    for i, precision in bar:
-        row = out.setdefault(sources[i].info.name, {zero: 0.0} if zero in precisions else {})
-        trial = list(base)
-        trial[i], act = quantized(i, precision)
+    work = [(i, p) for i in range(n) for p in precisions if p != "float"]
+    for i, precision in tqdm(work, desc="sensitivity (kl)", unit="run", disable=not progress):
+        src = sources[i]
+        row = out.setdefault(src.info.name, {"float": 0.0} if "float" in precisions else {})
+        trial = list(weights)
+        trial[i] = tvm.runtime.tensor(fake_quant_weight(src.weight, precision, src.info.op))
         if activations:
-            trial[n + i] = act
-        row[precision] = divergence(trial) - offset
+            scale, zp, _ = src.output_qparams
+            trial[n + i] = tvm.runtime.tensor(np.array([1.0, scale, zp, 0.0], np.float32))
+        row[precision] = float(np.mean([
+            output_divergence(ref, _flatten(vm["main"](*x, *trial)))
+            for x, ref in zip(inputs, refs)]))
     for src in sources:  # layers with only float candidates
         out.setdefault(src.info.name, {"float": 0.0})
     if cache is not None:
@@ -294,7 +269,7 @@ def measured_sensitivity(mod: tvm.IRModule, names: Sequence[str],
     from ..passes import canonicalize_pipeline
     from .layers import assignment_config
 
-    key = "measured-" + _cache_key(mod, list(calibration) + list(samples), {
+    key = "measured-" + cache_key(mod, list(calibration) + list(samples), {
         "precisions": list(precisions), "names": list(names),
         "base": repr(base), "target": str(target)})
     if cache is not None and (hit := cache.get(key)) is not None and set(hit) >= set(names):
