@@ -450,6 +450,8 @@ def test_mixed_precision_writes_model_report_and_plots(files, tmp_path):
     assert report["counts"]["int4"] >= 1  # 0.75x the int8 bytes needs some 4-bit layers
     assert report["size_bytes"] <= report["budgets"][0]["limit"]
     assert "predicted" in out and "measured" in out
+    sim = report["simulated_divergence"]
+    assert f"divergence:    {sim['chosen']:.4g} simulated" in out and sim["uniform_int8"] > 0
     for name in ("tiny-sensitivity.png", "tiny-pareto.png", "mp.so", "lat.json", "sens.json"):
         assert (tmp_path / name).is_file(), name
     # the table is reused: a second search measures nothing new

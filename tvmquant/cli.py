@@ -768,6 +768,10 @@ def _cmd_mixed_precision(args: argparse.Namespace) -> int:
          f"(uniform int8 {result.uniform['int8']['size'] / 1e6:.3f} MB)")
     _out(f"  sensitivity:   {report['total_sensitivity']:.4g} "
          f"(uniform int8 {result.uniform['int8']['sensitivity']:.4g})")
+    if report.get("simulated_divergence"):
+        sim = report["simulated_divergence"]
+        _out(f"  divergence:    {sim['chosen']:.4g} simulated "
+             f"(uniform int8 {sim['uniform_int8']:.4g})")
     for layer in report["layers"]:
         if layer["precision"] != "int8":
             _out(f"    {layer['name']:>14s} {layer['precision']}")

@@ -66,6 +66,11 @@ def test_output_divergence_branches():
         near = S.output_divergence([ref], [ref * (1 + 0.01 * u)])
         far = S.output_divergence([ref], [ref * (1 + 0.3 * u)])
         assert 0 < near < far
+    # pooled features (N, C, 1, 1): compared over the channels, not a softmax of one value
+    pooled = logits[..., None, None]
+    flat = S.output_divergence([logits], [logits * 1.3])
+    assert flat > 0
+    assert S.output_divergence([pooled], [pooled * 1.3]) == pytest.approx(flat)
 
 
 @pytest.fixture(scope="module")

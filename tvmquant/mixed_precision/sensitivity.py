@@ -134,12 +134,15 @@ def output_divergence(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> f
     Outputs that are distributions over their last axis (non-negative, summing to 1: softmax
     heads) use the KL divergence of those; outputs in [0, 1] (sigmoid maps) use the mean
     Bernoulli KL of each value; anything else is turned into a distribution by a softmax
-    over the last axis first. Averaged over outputs.
+    over the last axis first (trailing axes of size 1 are dropped first: a pooled
+    ``(N, C, 1, 1)`` output is compared over its channels). Averaged over outputs.
     """
     eps = 1e-7
     total = []
     for r, o in zip(ref, out):
         r, o = np.asarray(r, np.float64), np.asarray(o, np.float64)
+        while r.ndim > 1 and r.shape[-1] == 1:  # (N, C, 1, 1) pooled features: over C
+            r, o = r[..., 0], o[..., 0]
         if r.min() >= 0 and np.allclose(r.sum(axis=-1), 1.0, atol=1e-3):
             p, q = np.clip(r, eps, 1), np.clip(o, eps, 1)
             q = q / q.sum(axis=-1, keepdims=True)
