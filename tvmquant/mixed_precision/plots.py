@@ -69,7 +69,13 @@ def pareto_plot(front: Sequence[Mapping], path: str | Path, *,
                    label="chosen", zorder=5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("total sensitivity")
-    ax.set_yscale("symlog", linthresh=1e-6)
+    # linear below the smallest nonzero magnitude plotted, logarithmic above: no empty
+    # decades between zero (uniform int8, for a change from it) and the data
+    values = [p["sensitivity"] for p in front] + [v for _, v in dict(uniform).values()]
+    values += [chosen[1]] if chosen is not None else []
+    tiny = min((abs(v) for v in values if v != 0.0), default=1e-6)
+    ax.set_yscale("symlog", linthresh=max(tiny / 2, 1e-12))
+    ax.axhline(0.0, color="black", linewidth=0.5)
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
