@@ -10,14 +10,16 @@ character accuracy), two scenarios, each at one budget:
 A. latency: candidates float/int8/int4, ``--latency-budget`` (default 1.15x-int8);
 B. size: candidates int8/int4, ``--size-budget`` (default 0.7x-int8).
 
-Rows: the ILP's assignment for each ``--sensitivities`` measure (``kl``: only that layer
-quantized; ``kl-int8``: the change from uniform int8, other layers int8), the uniform
-assignments, and random assignments
-that meet the same budget by the same tables (``--random`` seeds: a random order of layers,
-moved to the cheaper or more precise precision one by one while the budget holds). Every row
-is quantized (calibrated on the same samples), compiled and timed end to end on this machine;
-the latency table's prediction is printed next to the measurement. Writes
-``benchmarks/mixed_precision.md`` and the Pareto/sensitivity plots next to it.
+Rows: the ILP's assignment for each ``--sensitivities`` measure (``kl-int8``: the change
+from uniform int8 when the layer alone moves off int8, every quantized tensor simulated;
+``kl``: only that layer quantized), the uniform assignments, and random assignments that
+meet the same budget by the same tables (``--random`` seeds: a random order of layers, moved
+to the cheaper or more precise precision one by one while the budget holds). Every row is
+quantized (calibrated on the same samples) and compiled; the rows are then timed end to end
+in alternating rounds (medians), and the latency table's prediction is printed next to the
+measurement, also as a ratio of ratios to uniform int8 (which cancels the machine's drift
+between the table's measurements and now). Writes ``benchmarks/mixed_precision.md`` and the
+Pareto/sensitivity plots next to it.
 """
 
 from __future__ import annotations
@@ -75,8 +77,16 @@ def run_model(kind: str, args, table_path: Path, lines: list[str]) -> None:
     def evaluate(config):
         q = tvmquant.quantize(mod, calib, config, progress=False)
         ex = tvmquant.build(q, target)
-        outs = [tvmquant.run(ex, [x])[0] for x in evals]
-        return time_module(ex, [evals[0]]), outs
+        return ex, [tvmquant.run(ex, [x])[0] for x in evals]
+
+    def interleaved_ms(executables, rounds=5):
+        """Median ms of each, timed in alternating rounds (the VM drifts by up to 2x over
+        minutes: rows timed one after another are not comparable)."""
+        times = [[] for _ in executables]
+        for _ in range(rounds):
+            for i, ex in enumerate(executables):
+                times[i].append(time_module(ex, [evals[0]], number=10, repeat=3))
+        return [float(np.median(t)) for t in times]
 
     float_ex = tvmquant.build(canonicalize_pipeline()(mod), target)
     ref = [tvmquant.run(float_ex, [x])[0] for x in evals]
@@ -86,10 +96,13 @@ def run_model(kind: str, args, table_path: Path, lines: list[str]) -> None:
     for tag, kind_budget, budget, precisions in scenarios:
         if tag not in args.scenarios.split(","):
             continue
-        choices, search_s = {}, {}
+        choices, search_s, first = {}, {}, None
         for measure in measures:
             t0 = time.time()
             r = mp.search(mod, calib, target, precisions=precisions, sensitivity=measure,
+                          sensitivity_samples=args.sensitivity_samples,
+                          int8_ms=None if first is None else
+                          first.report["latency_ms"]["uniform_int8_measured"],
                           **{f"{kind_budget}_budget": budget}, latency_table=table,
                           cache=table_path.parent / "sensitivity.json", progress=False)
             search_s[measure] = time.time() - t0
@@ -132,22 +145,31 @@ def run_model(kind: str, args, table_path: Path, lines: list[str]) -> None:
                      f"({measures[0]}). Total sensitivity is by the {measures[0]} measure.\n")
         metric_keys = list(_score(kind, ds, ref[:1], ref[:1]))
         lines.append("| assignment | float/int8/int4 layers | weights MB | predicted ms | "
-                     "measured ms | within budget | total sensitivity | "
-                     + " | ".join(metric_keys) + " |")
-        lines.append("|---|---|---:|---:|---:|---|---:|" + "---:|" * len(metric_keys))
+                     "measured ms | predicted / measured (vs int8) | within budget | "
+                     "total sensitivity | " + " | ".join(metric_keys) + " |")
+        lines.append("|---|---|---:|---:|---:|---:|---|---:|" + "---:|" * len(metric_keys))
+        built = []
         for label, a in rows:
-            config = mp.assignment_config(a)
-            ms, outs = evaluate(config)
-            metrics = _score(kind, ds, ref, outs)
+            ex, outs = evaluate(mp.assignment_config(a))
+            built.append((label, a, ex, _score(kind, ds, ref, outs)))
+            _log(f"{label}: {built[-1][3]}")
+        times = interleaved_ms([b[2] for b in built])
+        int8_row = next(i for i, b in enumerate(built) if b[0] == "uniform int8")
+        pred_int8 = ilp.total(built[int8_row][1], r.latency, r.rest_ms)
+        for (label, a, _, metrics), ms in zip(built, times):
             counts = "/".join(str(sum(1 for v in a.values() if v == p))
                               for p in ("float", "int8", "int4"))
             size = ilp.total(a, costs["size"]) / 1e6
             pred = ilp.total(a, r.latency, r.rest_ms)
+            # the table's prediction of the change from uniform int8, against the change
+            # measured in the same rounds (drift between the table and now cancels)
+            rel = (pred / pred_int8) / (ms / times[int8_row])
             sens = ilp.total(a, r.sensitivity)
             ok = "yes" if fits(a) else "no"
-            lines.append(f"| {label} | {counts} | {size:.3f} | {pred:.2f} | {ms:.2f} | {ok} | "
-                         f"{sens:.4g} | " + " | ".join(f"{100 * metrics[k]:.1f}%"
-                                                      for k in metric_keys) + " |")
+            lines.append(f"| {label} | {counts} | {size:.3f} | {pred:.2f} | {ms:.2f} | "
+                         f"{pred / ms:.2f} ({rel:.2f}) | {ok} | {sens:.4g} | "
+                         + " | ".join(f"{100 * metrics[k]:.1f}%" for k in metric_keys)
+                         + " |")
             _log(lines[-1])
 
 
@@ -162,8 +184,10 @@ def main(argv=None) -> int:
     parser.add_argument("--n-eval", type=int, default=None,
                         help="eval inputs per model (default: the whole eval split)")
     parser.add_argument("--random", type=int, default=3)
-    parser.add_argument("--sensitivities", default="kl,kl-int8",
-                        help="sensitivity measures, one ILP row each (default: kl,kl-int8)")
+    parser.add_argument("--sensitivity-samples", type=int, default=16,
+                        help="calibration samples each sensitivity is measured on")
+    parser.add_argument("--sensitivities", default="kl-int8,kl",
+                        help="sensitivity measures, one ILP row each (default: kl-int8,kl)")
     parser.add_argument("--scenarios", default="A,B", help="A (latency), B (size)")
     parser.add_argument("--plot-prefix", default="mixed",
                         help="file name prefix of the plots (default: mixed)")
