@@ -129,6 +129,8 @@ class QuantPlan:
     names: dict[relax.Var, str]
     # Quantized tensors read only by lookup-table (unary) activations.
     lut_only: set[relax.Var] = field(default_factory=set)
+    # Each variable's readers (bindings), in order.
+    users: dict[relax.Var, list[relax.Var]] = field(default_factory=dict)
 
     def layer_of(self, var: relax.Var) -> Layer | None:
         for layer in self.layers:
@@ -380,7 +382,8 @@ def plan_quantization(func: relax.Function, config) -> QuantPlan:
         and all(u in region_members.get(v, ()) for u in users[v])
     }
     return QuantPlan(layers=layers, quantized=quantized, inherits=inherits, lut_only=lut_only,
-                     float_users=float_users, bindings=value_of, names=names)
+                     float_users=float_users, bindings=value_of, names=names,
+                     users=dict(users))
 
 
 def weight_channel_axis(op: str, weight_ndim: int) -> int:

@@ -137,10 +137,6 @@ def anchor_layers(float_mod: tvm.IRModule, func_name: str = "main") -> list[Laye
     """The anchors with constant weights of a canonical float module, in dataflow order."""
     func = float_mod[func_name]
     plan = plan_quantization(func, get_preset("int8"))
-    users: dict = {}
-    for var, value in plan.bindings.items():
-        for arg in _var_args(value):
-            users.setdefault(arg, []).append(var)
     out = []
     for layer in plan.layers:
         if layer.kind != "anchor" or layer.weight is None:
@@ -159,7 +155,7 @@ def anchor_layers(float_mod: tvm.IRModule, func_name: str = "main") -> list[Laye
                 bias = next(a for a in value.args if isinstance(a, Constant))
             else:
                 clamp = value
-        region = _activation_region(plan, layer.output, users)
+        region = _activation_region(plan, layer.output)
         info = LayerInfo(
             name=layer.name, op=layer.op, input_shape=tuple(in_shape),
             weight_shape=tuple(weight.shape), output_shape=tuple(out_shape),
@@ -173,17 +169,7 @@ def anchor_layers(float_mod: tvm.IRModule, func_name: str = "main") -> list[Laye
     return out
 
 
-def _var_args(value) -> list:
-    out = []
-    for a in getattr(value, "args", []) or getattr(value, "fields", []):
-        if isinstance(a, relax.Var):
-            out.append(a)
-        elif isinstance(a, relax.Tuple):
-            out += [f for f in a.fields if isinstance(f, relax.Var)]
-    return out
-
-
-def _activation_region(plan, output: relax.Var, users: dict) -> tuple[relax.Var, ...]:
+def _activation_region(plan, output: relax.Var) -> tuple[relax.Var, ...]:
     """The elementwise region that alone reads ``output`` and has one exit (hard-swish
     after a convolution), in binding order; empty if there is none."""
     exits = [lay for lay in plan.layers if lay.kind == "unary" and lay.inputs == [output]]
@@ -193,9 +179,9 @@ def _activation_region(plan, output: relax.Var, users: dict) -> tuple[relax.Var,
     if not members or members[-1] is not exits[0].output:
         members = [m for m in members if m is not exits[0].output] + [exits[0].output]
     inside = set(members)
-    if not all(u in inside for u in users.get(output, [])):
+    if not all(u in inside for u in plan.users.get(output, [])):
         return ()  # the layer's output is read elsewhere too
-    if any(u not in inside for m in members[:-1] for u in users.get(m, [])):
+    if any(u not in inside for m in members[:-1] for u in plan.users.get(m, [])):
         return ()  # another exit
     return tuple(members)
 
