@@ -7,7 +7,8 @@ is the same lowering with the missing middle filled in, in phases:
 1. *dispatch*: few-bit matmuls to the bit-serial and sub-byte kernels
    (:class:`~tvmquant.schedules.x86.dispatch_subbyte.DispatchSubByte`), then integer
    conv2d/matmul/transposed-conv chains to tvmquant's tensorized int8 kernels
-   (:class:`~tvmquant.schedules.x86.dispatch.DispatchX86Int8`, on VNNI targets);
+   (:class:`~tvmquant.schedules.x86.dispatch.DispatchX86Int8`, on AVX-512 VNNI targets, or
+   AVX2 ones with exact ``vpmaddwd`` blocks);
 2. *legalize and fuse*: TVM's ``FastMathTransform`` (float ``exp``, ``softmax``, ``erf`` and
    ``tanh`` as polynomials that vectorize; LLVM calls ``expf`` once per vector lane
    otherwise; :func:`.SigmoidThroughExp` first, so that a float sigmoid uses it too),
@@ -52,7 +53,7 @@ def build_pipeline(
         The build target; it is entered (``with target``) while the passes run.
     kernels
         Swap integer convolutions and matmuls for tvmquant's tensorized kernels where the
-        target has them (AVX-512 VNNI).
+        target has them (AVX-512 VNNI, or AVX2).
     schedules
         Apply the default CPU schedules (and fusion). ``False`` gives TVM's plain lowering.
     database
@@ -99,14 +100,13 @@ def fusion_phases(target: tvm.target.Target, *, kernels: bool = True,
     """
     dispatch = []
     if kernels and target.kind.name == "llvm":
-        from .x86.dispatch import DispatchX86Int8, target_has_features, target_has_vnni
+        from .x86.dispatch import DispatchX86Int8, target_isa
         from .x86.dispatch_subbyte import DispatchSubByte
 
-        vnni = target_has_vnni(target)
-        avx2 = target_has_features(target, "avx2")
+        isa = target_isa(target)
         # few-bit matmuls first: the int8 dispatch would take them as int8 otherwise
-        dispatch = [DispatchSubByte(gemv=vnni, avx2=avx2),
-                    *([DispatchX86Int8()] if vnni else [])]
+        dispatch = [DispatchSubByte(gemv=isa == "avx512_vnni", avx2=isa is not None),
+                    *([DispatchX86Int8(isa=isa)] if isa is not None else [])]
     fusion = [rx.AnnotateTIROpPattern(), rx.FoldConstant(), rx.FuseOps(), rx.FuseTIR()]
     fast = [SigmoidThroughExp, rx.FastMathTransform()] if fuse and fast_math else []
     return [*dispatch, backend.DispatchSampling(), backend.DispatchSortScan(), *fast,

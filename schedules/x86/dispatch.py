@@ -1,4 +1,4 @@
-"""DispatchX86Int8: run integer convolutions and matmuls on the VNNI kernels of this package.
+"""DispatchX86Int8: run integer convolutions and matmuls on the x86 kernels of this package.
 
 Preconditions: an integer-only module from :class:`~tvmquant.passes.LowerToIntegerOnly`, whose
 anchors are spelled ``conv2d/matmul(u8, const s8, out_dtype="int32")`` followed by the dyadic
@@ -18,6 +18,11 @@ activations, batched matmuls) is left to TVM's default kernels. A transposed con
 whose stride equals its kernel (the upsampling heads of detectors) is a matmul followed by
 a depth-to-space, and runs as one.
 Kernels are cached by shape and epilogue within a module.
+
+The kernels use AVX-512 VNNI (``isa="avx512_vnni"``); on CPUs with AVX2 only
+(``isa="avx2"``) the regular convolutions and matmuls run on the same kernels tensorized
+with exact ``vpmaddwd`` blocks instead, and depthwise convolutions stay on TVM's default
+kernels (theirs is a VNNI kernel through and through).
 """
 
 from __future__ import annotations
@@ -51,6 +56,15 @@ def target_has_features(target: tvm.target.Target, *features: str) -> bool:
 def target_has_vnni(target: tvm.target.Target) -> bool:
     """Whether an LLVM target may use AVX-512 VNNI."""
     return target_has_features(target, "avx512vnni")
+
+
+def target_isa(target: tvm.target.Target) -> str | None:
+    """The int8 kernels' instruction set on ``target``: ``"avx512_vnni"``, ``"avx2"`` or None."""
+    if target_has_vnni(target):
+        return "avx512_vnni"
+    if target_has_features(target, "avx2"):
+        return "avx2"
+    return None
 
 
 def _op(value, name: str) -> bool:
@@ -197,9 +211,9 @@ def _match_chains(func: relax.Function, *, lut: bool = False) -> dict[relax.Var,
 
 @relax.expr_functor.mutator
 class _Dispatcher(relax.PyExprMutator):
-    def __init__(self, mod, matches):
+    def __init__(self, mod, matches, isa: str):
         super().__init__(mod)
-        self.matches = matches
+        self.matches, self.isa = matches, isa
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.count = 0
 
@@ -233,7 +247,7 @@ class _Dispatcher(relax.PyExprMutator):
         key = ("conv", n, c, h, w, o, kh, kw, sh, m.requant, pad, pad_value)
         gv = self._kernel(key, lambda: int8_conv2d(n, c, h, w, o, kh, kw, sh, bias=True,
                                                    requant=m.requant, pad=pad,
-                                                   pad_value=pad_value))
+                                                   pad_value=pad_value, isa=self.isa))
         return gv, [data, pack_conv_weight(m.weight)]
 
     def _depthwise(self, m: _Match):
@@ -241,8 +255,8 @@ class _Dispatcher(relax.PyExprMutator):
         padding (and the few rows and columns more that the kernel reads) is one ``nn.pad``
         before it."""
         attrs = m.anchor.attrs
-        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or \
-                any(int(d) != 1 for d in attrs.dilation):
+        if self.isa != "avx512_vnni" or str(attrs.data_layout) != "NCHW" or \
+                str(attrs.kernel_layout) != "OIHW" or any(int(d) != 1 for d in attrs.dilation):
             return None
         sh, sw = (int(s) for s in attrs.strides)
         if sw > 3:
@@ -289,7 +303,7 @@ class _Dispatcher(relax.PyExprMutator):
         cols = o * kh * kw
         key = ("dense", n * h * w, cols, c, m.requant)
         gv = self._kernel(key, lambda: int8_dense(n * h * w, cols, c, bias=True,
-                                                  requant=m.requant))
+                                                  requant=m.requant, isa=self.isa))
         rep = kh * kw
         # columns in (kh, kw, o) order: each output pixel's o channels are then contiguous in
         # the matmul's output, and the depth-to-space below moves whole rows of o values
@@ -313,7 +327,8 @@ class _Dispatcher(relax.PyExprMutator):
             return None
         (mm, k), n = shape, m.weight.shape[1]
         key = ("dense", mm, n, k, m.requant)
-        gv = self._kernel(key, lambda: int8_dense(mm, n, k, bias=True, requant=m.requant))
+        gv = self._kernel(key, lambda: int8_dense(mm, n, k, bias=True, requant=m.requant,
+                                                  isa=self.isa))
         return gv, [data, pack_weight(m.weight, "KN")]
 
     def visit_var_binding_(self, binding):
@@ -342,17 +357,23 @@ class _Dispatcher(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="tvmquant.DispatchX86Int8")
 class DispatchX86Int8:
-    """Replace matching integer conv2d/matmul + requantization chains by VNNI kernels."""
+    """Replace matching integer conv2d/matmul + requantization chains by tvmquant's kernels.
 
-    def __init__(self, func_name: str = "main"):
-        self.func_name = func_name
+    ``isa``: ``"avx512_vnni"`` (the default) or ``"avx2"`` (build the result for a target
+    with that instruction set; :func:`target_isa` names a target's).
+    """
+
+    def __init__(self, func_name: str = "main", isa: str = "avx512_vnni"):
+        if isa not in ("avx512_vnni", "avx2"):
+            raise ValueError(f"isa must be 'avx512_vnni' or 'avx2', got {isa!r}")
+        self.func_name, self.isa = func_name, isa
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         func = mod[self.func_name]
         matches = _match_chains(func, lut=True)
         if not matches:
             return mod
-        dispatcher = _Dispatcher(mod, matches)
+        dispatcher = _Dispatcher(mod, matches, self.isa)
         new_func = dispatcher.visit_expr(func)
         new_mod = dispatcher.builder_.get()
         new_mod[self.func_name] = new_func

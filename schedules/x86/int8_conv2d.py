@@ -1,4 +1,6 @@
-"""u8 x s8 -> s32 direct conv2d kernels for x86, tensorized with AVX-512 VNNI ``vpdpbusd``.
+"""u8 x s8 -> s32 direct conv2d kernels for x86, tensorized with AVX-512 VNNI ``vpdpbusd``
+(or, on CPUs with AVX2 only, ``isa="avx2"``: the exact ``vpmaddwd`` 8x4 blocks of
+:mod:`.vnni_intrin`, two per 16 channels, same layouts and packed weights).
 
 ``out[n, o, oh, ow] = epilogue(sum_{c, kh, kw} x[n, c, oh*s + kh, ow*s + kw] * w[o, c, kh, kw])``
 
@@ -58,10 +60,10 @@ from .int8_dense import (
     _ceil_to,
     _epilogue_expr,
     _epilogue_params,
+    _isa_intrin,
     _table_lookup,
     default_target,
 )
-from .vnni_intrin import VNNI_INTRIN
 
 
 def conv_output_size(h: int, w: int, kh: int, kw: int, stride: int) -> tuple[int, int]:
@@ -122,16 +124,20 @@ def conv2d_reference(x: np.ndarray, w: np.ndarray, stride: int) -> np.ndarray:
     return out
 
 
-def default_conv_tiles(ow: int, o: int) -> tuple[int, int]:
+def default_conv_tiles(ow: int, o: int, isa: str = "avx512_vnni") -> tuple[int, int]:
     """Register tile ``(mb, nb)``: ``mb`` pixels of a row x ``nb`` blocks of 16 channels.
 
     ``nb`` wastes the fewest padded channel blocks (widest first); ``mb`` keeps
     ``mb * nb + nb`` zmm registers under 28 and trades padded columns (``OW % mb``) against
-    the per-tile overhead (about ``1/mb``).
+    the per-tile overhead (about ``1/mb``). With ``isa="avx2"`` (16 ymm registers, two per
+    16 channels, and about 5 taken by the intrinsic's widened operands) ``2 * mb * nb``
+    accumulators stay at 10 or below.
     """
     oblk = _ceil_to(o, LANES) // LANES
-    nb = min((4, 3, 2, 1), key=lambda b: (_ceil_to(oblk, b) - oblk, -b)) if oblk > 1 else 1
-    cap = max(1, min(12, (28 - nb) // nb, ow))
+    widths = (2, 1) if isa == "avx2" else (4, 3, 2, 1)
+    nb = min(widths, key=lambda b: (_ceil_to(oblk, b) - oblk, -b)) if oblk > 1 else 1
+    regs = 10 // (2 * nb) if isa == "avx2" else (28 - nb) // nb
+    cap = max(1, min(12, regs, ow))
     mb = min(range(1, cap + 1), key=lambda b: (_ceil_to(ow, b) * (1 + 1 / b), -b))
     return mb, nb
 
@@ -260,9 +266,14 @@ def int8_conv2d_compute(
 
 
 def schedule_int8_conv2d(
-    func: tirx.PrimFunc, *, mb: int, nb: int, intrin: str = VNNI_INTRIN
+    func: tirx.PrimFunc, *, mb: int, nb: int, isa: str = "avx512_vnni"
 ) -> tvm.IRModule:
-    """Tile, parallelise and tensorize a PrimFunc made by :func:`int8_conv2d_compute`."""
+    """Tile, parallelise and tensorize a PrimFunc made by :func:`int8_conv2d_compute`.
+
+    ``isa="avx2"`` tensorizes each 16-channel block as two exact 8-channel AVX2 blocks
+    (build it for an AVX2 target, e.g. ``mcpu="haswell"``).
+    """
+    intrin, lanes = _isa_intrin(isa)
     sch = Schedule(func)
     acc = sch.get_sblock("acc")
     b, y, xx, oc, rc, rh, rw, ri = sch.get_loops(acc)
@@ -282,7 +293,11 @@ def schedule_int8_conv2d(
     sch.reverse_compute_at(epi, row)
     sch.reverse_compute_at(out, row)
     init = sch.decompose_reduction(acc, rc)
+    if lanes != LANES:
+        half, oi = sch.split(oi, [None, lanes])
     sch.tensorize(oi, intrin)
+    if lanes != LANES:
+        sch.unroll(half)
     sch.set_scope(init, 0, "local")
     sch.unroll(xi)
     sch.unroll(o1)
@@ -321,22 +336,25 @@ def int8_conv2d(
     nb: int | None = None,
     pad: tuple[int, int, int, int] = (0, 0, 0, 0),
     pad_value: int = 0,
+    isa: str = "avx512_vnni",
 ) -> tvm.IRModule:
     """Scheduled, tensorized IRModule (PrimFunc ``"main"``) of the conv kernel.
 
     ``h``, ``w`` are the dimensions of the input; ``pad`` (``top, left, bottom, right``, NCHW
-    only) pads it with ``pad_value`` inside the kernel, else it must come padded.
+    only) pads it with ``pad_value`` inside the kernel, else it must come padded. ``isa``:
+    ``"avx512_vnni"`` or ``"avx2"``.
     """
     _, ow = conv_output_size(h + pad[0] + pad[2], w + pad[1] + pad[3], kh, kw, stride)
-    dmb, dnb = default_conv_tiles(ow, o)
+    dmb, dnb = default_conv_tiles(ow, o, isa)
     mb, nb = mb or dmb, nb or dnb
     func = int8_conv2d_compute(
         n, c, h, w, o, kh, kw, stride, data_layout=data_layout, out_layout=out_layout,
         bias=bias, requant=requant, mb=mb, nb=nb, pad=pad, pad_value=pad_value,
     )
-    return schedule_int8_conv2d(func, mb=mb, nb=nb)
+    return schedule_int8_conv2d(func, mb=mb, nb=nb, isa=isa)
 
 
 def build_int8_conv2d(*args, target: tvm.target.Target | None = None, **kwargs):
     """Compile :func:`int8_conv2d`; returns ``tvm.compile``'s executable (function ``"main"``)."""
-    return tvm.compile(int8_conv2d(*args, **kwargs), target or default_target())
+    isa = kwargs.get("isa", "avx512_vnni")
+    return tvm.compile(int8_conv2d(*args, **kwargs), target or default_target(isa))

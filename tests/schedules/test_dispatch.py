@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tvm
 from tvm import relax
-from tvmquant.schedules.x86.dispatch import DispatchX86Int8, target_has_vnni
+from tvmquant.schedules.pipeline import fusion_phases
+from tvmquant.schedules.x86.dispatch import DispatchX86Int8, target_has_vnni, target_isa
 
 import tvmquant
 from tvmquant._compat import const_value
@@ -67,6 +68,35 @@ def test_dispatched_module_is_bit_exact(quantized):
     vm_a = relax.VirtualMachine(tvm.compile(after, TARGET), tvm.cpu())
     vm_b = relax.VirtualMachine(tvm.compile(quantized.mod, TARGET), tvm.cpu())
     for sample in random_inputs(3, seed=21):
+        x = tvm.runtime.tensor(sample["x"])
+        np.testing.assert_array_equal(vm_a["main"](x).numpy(), vm_b["main"](x).numpy())
+
+
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+
+
+def test_avx2_target_dispatches_regular_convs_and_dense(quantized):
+    """On an AVX2-only CPU the regular convs run on the kernels' exact AVX2 form; the
+    depthwise conv (a VNNI kernel through and through) stays on the defaults."""
+    assert target_isa(TARGET) == "avx512_vnni" and target_isa(AVX2) == "avx2"
+    assert target_isa(tvm.target.Target({"kind": "llvm", "mcpu": "core2"})) is None
+    phases = fusion_phases(AVX2)
+    assert any(getattr(p, "isa", None) == "avx2" for p in phases)
+    after = DispatchX86Int8(isa="avx2")(quantized.mod)
+    relax.analysis.well_formed(after)
+    assert _call_tir_count(after) == 2
+    assert after["main"].script().count("R.nn.conv2d") == 1  # the depthwise one
+    with pytest.raises(ValueError, match="isa"):
+        DispatchX86Int8(isa="avx512")
+    ex = tvm.compile(after, AVX2)
+    asm = ex.mod.imports[0].inspect_source("asm")
+    assert "vpmaddwd" in asm
+    assert "vpdpbusd" not in asm and "zmm" not in asm
+    if "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX2 (avx2 not in /proc/cpuinfo)")
+    vm_a = relax.VirtualMachine(ex, tvm.cpu())
+    vm_b = relax.VirtualMachine(tvm.compile(quantized.mod, AVX2), tvm.cpu())
+    for sample in random_inputs(3, seed=22):
         x = tvm.runtime.tensor(sample["x"])
         np.testing.assert_array_equal(vm_a["main"](x).numpy(), vm_b["main"](x).numpy())
 

@@ -360,6 +360,45 @@ def test_conv2d_pads_and_looks_up_in_the_kernel(case, pad, rq):
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_ids)
+@pytest.mark.parametrize("out_layout", ["NCHW", "NCHW16c"])
+def test_conv2d_avx2_exact(case, out_layout):
+    """The AVX2 fallback of the conv kernel, with the operands that saturate vpmaddubsw, its
+    padding, requantization and table, against NumPy."""
+    _need("avx2")
+    n, c, h, w, o, kh, kw, s = case
+    rng = np.random.default_rng()
+    x = rng.integers(0, 256, (n, c, h, w), dtype=np.uint8)
+    wt = rng.integers(-128, 128, (o, c, kh, kw), dtype=np.int8)
+    x[0, :, 0, :] = 255
+    wt[0] = -128
+    raw = conv.build_int8_conv2d(n, c, h, w, o, kh, kw, s, out_layout=out_layout, isa="avx2")
+    oh, ow = conv.conv_output_size(h, w, kh, kw, s)
+    got = _run(raw, [x, conv.pack_conv_weight(wt)], _conv_out_shape(n, o, oh, ow, out_layout),
+               np.int32)
+    np.testing.assert_array_equal(_conv_out_to_nchw(got, o, out_layout),
+                                  conv.conv2d_reference(x, wt, s))
+    rq, pad = LUT_REQUANTS[1], (1, 2, 0, 1)
+    b, m0, sh = _epilogue_params(rng, o)
+    table, value = _table(rng, rq), int(rng.integers(0, 256))
+    ex = conv.build_int8_conv2d(n, c, h, w, o, kh, kw, s, bias=True, requant=rq, pad=pad,
+                                pad_value=value, isa="avx2")
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 0), (2, 1)), constant_values=value)
+    acc = conv.conv2d_reference(xp, wt, s).astype(np.int32)
+    ref = dense.epilogue_reference(acc, b, m0 >> 4, sh - 4, rq, axis=1, lut=table)
+    got = _run(ex, [x, conv.pack_conv_weight(wt), b, m0 >> 4, sh - 4, table], ref.shape,
+               rq.lut_dtype)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_conv_avx2_asm_is_exact_sequence():
+    ex = conv.build_int8_conv2d(1, 8, 6, 6, 32, 3, 3, 1, isa="avx2")
+    asm = ex.mod.inspect_source("asm")
+    assert "vpmaddwd" in asm and "ymm" in asm
+    for absent in ("vpdpbusd", "vpmaddubsw", "zmm"):  # no VNNI, no saturation, no AVX-512
+        assert absent not in asm, absent
+
+
 @pytest.mark.parametrize("rq", LUT_REQUANTS, ids=["lut-u8-65536", "lut-i8-301"])
 def test_dense_looks_up_in_the_kernel(rq):
     _need("avx512_vnni")
