@@ -1,11 +1,15 @@
 """x86 integer kernels: AVX-512 VNNI (``vpdpbusd``) tensor intrinsics and scheduled TIR.
 
-- :mod:`.vnni_intrin`: ``tvmquant_dot_16x4_vnni`` and ``tvmquant_dot_8x4_avx2_exact``
+- :mod:`.vnni_intrin`: ``tvmquant_dot_16x4_vnni``, its pixel-lane and window variants, and
+  ``tvmquant_dot_8x4_avx2_exact``
   (registered on import, under tvmquant's own names).
 - :mod:`.int8_dense`: ``C[M, N] = A[M, K] (u8) . W (s8, packed N/16 x K/4 x 16 x 4)`` with an
   optional fused bias + dyadic requantization epilogue (uint8, int8 or int16 output).
 - :mod:`.int8_conv2d`: direct conv2d (u8 NCHW / NCHW4c / NCHW16c input, s8 packed OIHW
-  weight, NCHW or NCHW16c output), same epilogue.
+  weight, NCHW or NCHW16c output), same epilogue; 16 output channels on the lanes (or 2 x 8
+  with the exact AVX2 blocks, ``isa="avx2"``).
+- :mod:`.int8_conv2d_pixels`: stride-1 conv2d with 16 output *pixels* on the lanes (no
+  channel padding, no transpose): the layers with few output channels on wide rows.
 - :mod:`.int8_depthwise_conv2d`: depthwise conv2d (u8 NCHW, s8 ``[C, KH, KW/4, 4]``), 4
   kernel columns per ``vpdpbusd`` from byte-shuffled windows of the input row, same
   epilogue.

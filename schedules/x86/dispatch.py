@@ -7,7 +7,11 @@ right_shift(shift) -> add(zp) -> clip(lo, hi) -> astype(u8|s8|s16)``, each value
 
 Each such chain becomes one ``R.call_tir`` of a scheduled, tensorized kernel with the weights
 packed once at compile time (``[O/16, K/4, 16, 4]``) and the bias, requantization and clamp
-fused into its epilogue (:mod:`.int8_conv2d`, :mod:`.int8_dense`). Two neighbours join the
+fused into its epilogue (:mod:`.int8_conv2d`, :mod:`.int8_dense`). A stride-1 convolution
+whose output rows fill the 16 lanes better than its output channels do (24 channels on rows
+of 80) runs on :mod:`.int8_conv2d_pixels` instead (pixels on the lanes), unless a lookup
+table follows it (that kernel's table loop measured slower: LLVM vectorizes it into an
+emulated gather). Two neighbours join the
 kernel too: a 16-bit lookup table after the chain (``astype(int32) -> subtract(c) ->
 take(const table, mode="clip")``, the integer hard-swish, sigmoid, ...) runs in the epilogue,
 and a constant spatial ``nn.pad`` before a convolution runs in the kernel's input re-layout,
@@ -33,7 +37,8 @@ from tvm import relax
 
 from ..._compat import Constant, const_value, dtype_of, static_shape
 from ...passes.analysis import emit_like, function_bindings
-from .int8_conv2d import int8_conv2d, pack_conv_weight
+from .int8_conv2d import conv_output_size, int8_conv2d, pack_conv_weight
+from .int8_conv2d_pixels import int8_conv2d_pixels, pack_conv_weight_pixels, prefer_pixels
 from .int8_dense import Requant, int8_dense, kernel_for_relax, pack_weight
 from .int8_depthwise_conv2d import (
     depthwise_input_size,
@@ -244,6 +249,14 @@ class _Dispatcher(relax.PyExprMutator):
             data = self.visit_expr(m.data)
         n, c, h, w = static_shape(data)
         o, _, kh, kw = m.weight.shape
+        _, ow = conv_output_size(h + pad[0] + pad[2], w + pad[1] + pad[3], kh, kw, sh)
+        if sh == 1 and self.isa == "avx512_vnni" and not m.requant.lut_size and \
+                prefer_pixels(ow, o):
+            key = ("conv-pixels", n, c, h, w, o, kh, kw, m.requant, pad, pad_value)
+            gv = self._kernel(key, lambda: int8_conv2d_pixels(
+                n, c, h, w, o, kh, kw, bias=True, requant=m.requant, pad=pad,
+                pad_value=pad_value))
+            return gv, [data, pack_conv_weight_pixels(m.weight)]
         key = ("conv", n, c, h, w, o, kh, kw, sh, m.requant, pad, pad_value)
         gv = self._kernel(key, lambda: int8_conv2d(n, c, h, w, o, kh, kw, sh, bias=True,
                                                    requant=m.requant, pad=pad,

@@ -16,6 +16,11 @@ Registered under tvmquant's own names (never over TVM's upstream ``dot_16x4_vnni
     (``vpermb``), weights ``B`` broadcast. The depthwise kernel's
     (:mod:`.int8_depthwise_conv2d`).
 
+``tvmquant_dot_16x4_vnni_pixels`` (:data:`PIXELS_INTRIN`)
+    ``C[i] += sum_k int32(A[i, k]) * int32(B[k])``: 16 *pixels* of an ``NCHW4c`` row (their
+    4 channels each, 64 contiguous bytes) against one output channel's 4 weights, broadcast.
+    The kernel of :mod:`.int8_conv2d_pixels`, for convolutions with few output channels.
+
 ``tvmquant_dot_8x4_avx2_exact`` (:data:`AVX2_INTRIN`)
     Same contract with 8 output lanes (``B`` int8[8, 4] contiguous, 32 bytes), for AVX2
     machines without VNNI. Exact for every uint8 x int8 input: the operands are widened to
@@ -158,6 +163,52 @@ def _avx2_impl(
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# AVX-512 VNNI, pixels on the lanes: 16 pixels x 4 channels (contiguous) . 4 weights
+# ---------------------------------------------------------------------------------------------
+#: ``C[i] += sum_k int32(A[i, k]) * int32(B[k])``, ``i < 16``, ``k < 4``: 16 pixels of an
+#: ``NCHW4c`` row (64 contiguous bytes) against one output channel's 4 weights, broadcast.
+PIXELS_INTRIN = "tvmquant_dot_16x4_vnni_pixels"
+
+
+@T.prim_func(s_tir=True)
+def _pixels_desc(
+    A: T.Buffer((16, 4), "uint8", strides=[4, 1], offset_factor=1),
+    B: T.Buffer((4,), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _pixels_impl(
+    A: T.Buffer((16, 4), "uint8", strides=[4, 1], offset_factor=1),
+    B: T.Buffer((4,), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            A.vload([0, 0], dtype="uint8x64"),
+            # the 4 weights as one int32 broadcast to 16 lanes
+            T.reinterpret(
+                T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 16),
+                dtype="int8x64",
+            ),
+            dtype="int32x16",
+        )
+
+
 def window_intrin(stride: int) -> str:
     """``C[i] += sum_k int32(A[i * stride + k]) * int32(B[k])`` (``i < 16``, ``k < 4``): 16
     output pixels x 4 kernel columns of a convolution row, from one 64-byte load of the
@@ -215,6 +266,8 @@ def register() -> None:
         TensorIntrin.register(VNNI_INTRIN, _vnni_desc, _vnni_impl)
     if TensorIntrin.get(AVX2_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(AVX2_INTRIN, _avx2_desc, _avx2_impl)
+    if TensorIntrin.get(PIXELS_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(PIXELS_INTRIN, _pixels_desc, _pixels_impl)
 
 
 register()

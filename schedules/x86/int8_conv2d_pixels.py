@@ -1,0 +1,255 @@
+"""u8 x s8 -> s32 conv2d for x86 with *pixels* on the AVX-512 VNNI lanes (few output channels).
+
+``out[n, o, oh, ow] = epilogue(sum_{c, kh, kw} x[n, c, oh + kh, ow + kw] * w[o, c, kh, kw])``
+(stride 1).
+
+:mod:`.int8_conv2d` puts 16 output channels on the lanes of each ``vpdpbusd``: a layer with
+24 output channels computes 32 (25% waste), one with 12 computes 16, one with 18 computes
+32. PP-OCRv4 det spends a fifth of its time in such layers (its FPN's 96 -> 24 3x3
+convolutions at 80x80 and 40x40). Here the lanes are 16 neighbouring *pixels* of an output
+row instead: in the ``NCHW4c`` input, 16 pixels x 4 channels are 64 contiguous bytes, which
+one ``vpdpbusd`` multiplies with one output channel's 4 weights broadcast
+(:data:`.vnni_intrin.PIXELS_INTRIN`; LLVM broadcasts each weight once per tile, or folds it
+into the instruction as a ``{1to16}`` memory operand).
+No channel is wasted, and the output comes out in ``NCHW`` without a transpose: each finished
+row of a channel is stored as it is.
+
+Layouts
+-------
+- Input ``x``: uint8 ``NCHW`` ``[N, C, H, W]``, re-laid out by the kernel (a parallel copy)
+  as ``NCHW4c`` with the spatial padding (``pad``, filled with ``pad_value``) and a few
+  columns more on the right so that every 16-pixel vector of the last tile reads inside it
+  (those columns make discarded outputs).
+- Weight: int8 ``OIHW`` packed by :func:`pack_conv_weight_pixels` into
+  ``[O, ceil(C/4) * KH * KW, 4]``: ``packed[o, (c // 4 * KH + kh) * KW + kw, c % 4] =
+  w[o, c, kh, kw]`` (zero padded in C).
+- Output ``[N, O, OH, OW]``: int32, or uint8/int8/int16 with the fused requantization
+  epilogue of :mod:`.int8_dense` (lookup table included). PrimFunc parameters: ``x, W,
+  [bias], [m0, shift], [lut], out``.
+
+Schedule: register tiles of ``mb`` vectors of 16 pixels along an output row x ``nb`` output
+channels (``mb * nb`` zmm accumulators, at most 28); the (channel group, image, output row)
+triples are spread over the cores; the reduction over (channel block, kh, kw) runs inside the
+tile, so each 64-byte input load serves ``nb`` instructions. The epilogue runs on the
+finished row, vectorized along it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+from ..cpu._common import row_vector_length
+from .int8_conv2d import conv_output_size
+from .int8_dense import (
+    KBLOCK,
+    LANES,
+    Requant,
+    _ceil_to,
+    _epilogue_expr,
+    _epilogue_params,
+    _table_lookup,
+    default_target,
+)
+from .vnni_intrin import PIXELS_INTRIN
+
+#: Accumulators (zmm registers) of one register tile.
+MAX_TILE = 28
+
+
+def pack_conv_weight_pixels(w: np.ndarray) -> np.ndarray:
+    """``OIHW`` int8 -> ``[O, ceil(C/4)*KH*KW, 4]`` (see the module docstring)."""
+    w = np.asarray(w)
+    if w.ndim != 4 or w.dtype != np.int8:
+        raise ValueError(f"pack_conv_weight_pixels wants an int8 OIHW weight, got {w.dtype} "
+                         f"{w.shape}")
+    o, c, kh, kw = w.shape
+    cp = _ceil_to(c, KBLOCK)
+    wp = np.zeros((o, cp, kh, kw), dtype=np.int8)
+    wp[:, :c] = w
+    # [o, c4, ci, kh, kw] -> [o, c4, kh, kw, ci]
+    t = wp.reshape(o, cp // KBLOCK, KBLOCK, kh, kw).transpose(0, 1, 3, 4, 2)
+    return np.ascontiguousarray(t.reshape(o, cp // KBLOCK * kh * kw, KBLOCK))
+
+
+def prefer_pixels(ow: int, o: int) -> bool:
+    """Whether a stride-1 conv with ``ow``-wide output rows and ``o`` output channels runs
+    faster here than on :mod:`.int8_conv2d` (channels on the lanes).
+
+    Each kernel wastes the lanes past the last multiple of 16: of the row's pixels here, of
+    the output channels there. Measured alone on PP-OCR shapes (Zen 4, 2 threads), this
+    kernel is faster even when it wastes up to a fifth more (no transpose before the
+    stores): 96 -> 24 3x3 on 80x80 722 against 946 us, 240 -> 240 1x1 on 12x80 344 against
+    394, 96 -> 96 1x1 on 40x40 (17% of the lanes wasted) 156 against 157; and slower on rows
+    of 20 (37% wasted): 192 -> 192 1x1 on 20x20 154 against 115.
+    """
+    pixels = ow / _ceil_to(ow, LANES)
+    channels = o / _ceil_to(o, LANES)
+    return pixels >= 0.8 * channels
+
+
+def pixel_tiles(ow: int, o: int) -> tuple[int, int]:
+    """Register tile ``(mb, nb)``: ``mb`` vectors of 16 pixels (a divisor of the row's
+    vectors, so no tile is partial) x ``nb`` output channels, ``mb * nb <= 28``, trading
+    channels computed in vain (``O % nb``) against the per-tile overhead (about ``1/2nb``)."""
+    nvec = _ceil_to(ow, LANES) // LANES
+    mb = max(d for d in range(1, min(nvec, 7) + 1) if nvec % d == 0)
+    cap = max(1, min(o, MAX_TILE // mb))
+    nb = min(range(1, cap + 1), key=lambda b: (_ceil_to(o, b) * (1 + 0.5 / b), -b))
+    return mb, nb
+
+
+def int8_conv2d_pixels_compute(
+    n: int,
+    c: int,
+    h: int,
+    w: int,
+    o: int,
+    kh: int,
+    kw: int,
+    *,
+    bias: bool = False,
+    requant: Requant | None = None,
+    mb: int = 1,
+    nb: int = 1,
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0),
+    pad_value: int = 0,
+) -> tirx.PrimFunc:
+    """The unscheduled PrimFunc: blocks ``x4c``, ``acc``, ``epi``, ``out``."""
+    top, left, bottom, right = (int(p) for p in pad)
+    if min(top, left, bottom, right) < 0:
+        raise ValueError(f"negative padding {pad}")
+    if not 0 <= pad_value <= 255:
+        raise ValueError(f"pad_value {pad_value} is not a uint8")
+    oh, ow = conv_output_size(h + top + bottom, w + left + right, kh, kw, 1)
+    if oh < 1 or ow < 1:
+        raise ValueError("kernel larger than the (padded) input")
+    c4 = _ceil_to(c, KBLOCK) // KBLOCK
+    owp = _ceil_to(ow, LANES * mb)
+    hp, wr = oh + kh - 1, owp + kw - 1  # what the tiles read (at least the padded input)
+    op = _ceil_to(o, nb)
+    x = te.placeholder((n, c, h, w), "uint8", name="x")
+
+    def relayout(b, cb, y, xx, ci):
+        ch = cb * KBLOCK + ci
+        v = x[b, tirx.min(ch, c - 1), y - top, xx - left] if c % KBLOCK else \
+            x[b, ch, y - top, xx - left]
+        if any((top, left, bottom)) or wr > left + w:
+            inside = tirx.all(top <= y, y < top + h, left <= xx, xx < left + w)
+            v = tirx.if_then_else(inside, v, tirx.const(pad_value, "uint8"))
+        if c % KBLOCK:  # padded channels meet zero weights, but must not be garbage
+            v = tirx.if_then_else(ch < c, v, tirx.const(0, "uint8"))
+        return v
+
+    x4 = te.compute((n, c4, hp, wr, KBLOCK), relayout, name="x4c")
+    wt = te.placeholder((o, c4 * kh * kw, KBLOCK), "int8", name="W")
+
+    def chan(j):
+        return tirx.min(j, o - 1) if op != o else j
+
+    rc = te.reduce_axis((0, c4), name="rc")
+    rh = te.reduce_axis((0, kh), name="rh")
+    rw = te.reduce_axis((0, kw), name="rw")
+    ri = te.reduce_axis((0, KBLOCK), name="ri")
+    acc = te.compute(
+        (n, op, oh, owp),
+        lambda b, oc, y, xx: te.sum(
+            x4[b, rc, y + rh, xx + rw, ri].astype("int32")
+            * wt[chan(oc), (rc * kh + rh) * kw + rw, ri].astype("int32"),
+            axis=[rc, rh, rw, ri],
+        ),
+        name="acc",
+    )
+    params = [x, wt]
+    b_t, m0_t, sh_t, lut_t = _epilogue_params(o, bias, requant, params)
+
+    epi = te.compute(
+        (n, op, oh, owp),
+        lambda b, oc, y, xx: _epilogue_expr(acc[b, oc, y, xx], chan(oc), b_t, m0_t, sh_t,
+                                            requant),
+        name="epi",
+    )
+
+    def finish(v):
+        return _table_lookup(v, requant, lut_t) if lut_t is not None else v
+
+    out = te.compute((n, o, oh, ow), lambda b, oc, y, xx: finish(epi[b, oc, y, xx]),
+                     name="out")
+    return te.create_prim_func([*params, out])
+
+
+def schedule_int8_conv2d_pixels(func: tirx.PrimFunc, *, mb: int, nb: int) -> tvm.IRModule:
+    """Tile, parallelise and tensorize a PrimFunc made by :func:`int8_conv2d_pixels_compute`."""
+    sch = Schedule(func)
+    acc = sch.get_sblock("acc")
+    b, oc, y, xx, rc, rh, rw, ri = sch.get_loops(acc)
+    oo, oi = sch.split(oc, [None, nb])
+    xo, xm, xi = sch.split(xx, [None, mb, LANES])
+    sch.reorder(oo, b, y, xo, rc, rh, rw, oi, xm, xi, ri)
+    row = sch.fuse(oo, b, y)
+    sch.parallel(row)
+    # the register tile (nb channels x mb vectors) is written back into a row buffer, and
+    # the epilogue runs once per row, vectorized along it
+    tile_wb = sch.cache_write(acc, 0, "global")
+    sch.reverse_compute_at(tile_wb, xo)
+    epi, out = sch.get_sblock("epi"), sch.get_sblock("out")
+    sch.reverse_compute_at(epi, row, preserve_unit_loops=True)
+    sch.reverse_compute_at(out, row, preserve_unit_loops=True)
+    init = sch.decompose_reduction(acc, rc)
+    sch.tensorize(xi, PIXELS_INTRIN)
+    sch.set_scope(init, 0, "local")
+    sch.unroll(oi)
+    sch.unroll(xm)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(tile_wb)[-1])
+    # the requantization on whole vectors of the padded row; a lookup table after it runs
+    # scalar (a 16-lane gather from a 64 KiB table is slower than 16 loads), else the row is
+    # stored vectorized
+    sch.vectorize(sch.split(sch.get_loops(epi)[-1], [None, LANES])[1])
+    if len(sch.get(out).reads) == 1:
+        sch.compute_inline(epi)
+        ol = sch.get_loops(out)[-1]
+        extent = int(sch.get(ol).extent)
+        vec = row_vector_length(extent, LANES)
+        if vec is not None:
+            if vec < extent:
+                ol = sch.split(ol, [None, vec])[1]
+            sch.vectorize(ol)
+    x4 = sch.get_sblock("x4c")
+    loops = sch.get_loops(x4)
+    sch.parallel(sch.fuse(*loops[:3]))
+    sch.vectorize(loops[-1])
+    return sch.mod
+
+
+def int8_conv2d_pixels(
+    n: int,
+    c: int,
+    h: int,
+    w: int,
+    o: int,
+    kh: int,
+    kw: int,
+    *,
+    bias: bool = False,
+    requant: Requant | None = None,
+    mb: int | None = None,
+    nb: int | None = None,
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0),
+    pad_value: int = 0,
+) -> tvm.IRModule:
+    """Scheduled, tensorized IRModule (PrimFunc ``"main"``) of the pixel-lane conv kernel
+    (stride 1; ``pad`` is ``(top, left, bottom, right)``, filled with ``pad_value``)."""
+    _, ow = conv_output_size(h + pad[0] + pad[2], w + pad[1] + pad[3], kh, kw, 1)
+    dmb, dnb = pixel_tiles(ow, o)
+    mb, nb = mb or dmb, nb or dnb
+    func = int8_conv2d_pixels_compute(n, c, h, w, o, kh, kw, bias=bias, requant=requant,
+                                      mb=mb, nb=nb, pad=pad, pad_value=pad_value)
+    return schedule_int8_conv2d_pixels(func, mb=mb, nb=nb)
+
+
+def build_int8_conv2d_pixels(*args, target: tvm.target.Target | None = None, **kwargs):
+    """Compile :func:`int8_conv2d_pixels`; ``tvm.compile``'s executable (``"main"``)."""
+    return tvm.compile(int8_conv2d_pixels(*args, **kwargs), target or default_target())
