@@ -18,7 +18,10 @@ take(const table, mode="clip")``, the integer hard-swish, sigmoid, ...) runs in 
 and a constant spatial ``nn.pad`` before a convolution runs in the kernel's input re-layout,
 so neither costs a pass over memory of its own. A depthwise convolution runs on
 :mod:`.int8_depthwise_conv2d` (its pad, widened to what that kernel reads, stays one
-``nn.pad`` before it). What does not match (grouped convolutions, dilation, signed
+``nn.pad`` before it). An anchor whose int32 sum the graph dequantizes instead
+(an integer layer that only float layers read: a mixed-precision boundary, a model's last
+layer) runs on the same kernels with an int32 output; the float ops after it stay in the
+graph. What does not match (grouped convolutions, dilation, signed
 activations, batched matmuls) is left to TVM's default kernels. A transposed convolution
 whose stride equals its kernel (the upsampling heads of detectors) is a matmul followed by
 a depth-to-space, and runs as one.
@@ -90,16 +93,26 @@ def _per_channel(v: np.ndarray, n: int) -> np.ndarray | None:
 
 
 class _Match:
-    """One anchor with its requantization chain."""
+    """One anchor with its requantization chain (``requant`` None: the int32 sum with its
+    bias, which the graph then dequantizes for a float reader)."""
 
-    def __init__(self, anchor, data, weight, bias, m0, shift, zp, lo, hi, out_dtype, out_var):
+    def __init__(self, anchor, data, weight, bias, m0, shift, requant: Requant | None,
+                 out_var):
         self.anchor, self.data, self.weight = anchor, data, weight
         self.bias, self.m0, self.shift = bias, m0, shift
-        self.requant = Requant(zp, lo, hi, out_dtype)
+        self.requant = requant
         self.out_var = out_var
         self.lut: np.ndarray | None = None
         self.pad: tuple[tuple[int, int, int, int], int, relax.Expr] | None = None
         """``((top, left, bottom, right), value, unpadded input)`` of a pad before a conv."""
+
+
+def _has_table(m: _Match) -> bool:
+    return m.requant is not None and bool(m.requant.lut_size)
+
+
+def _result_dtype(m: _Match) -> str:
+    return m.requant.result_dtype if m.requant is not None else "int32"
 
 
 def _lookup_table(m: _Match, next_of, value: dict) -> None:
@@ -180,6 +193,7 @@ def _match_chains(func: relax.Function, *, lut: bool = False) -> dict[relax.Var,
                 break
             bias, cur = (bias.astype(np.int64) + pc).astype(np.int32), nxt
         chain = []
+        summed = cur
         for name in ("relax.astype", "relax.multiply", "relax.add", "relax.right_shift",
                      "relax.add", "relax.clip", "relax.astype"):
             nxt = next_of(cur, name)
@@ -187,6 +201,11 @@ def _match_chains(func: relax.Function, *, lut: bool = False) -> dict[relax.Var,
                 break
             chain.append(nxt)
             cur = nxt
+        if chain and str(value[chain[0]].attrs.dtype) == "float32":
+            # an integer layer that only float layers read: its sum is dequantized, not
+            # requantized; the kernel gives the int32 sum (and bias), the graph the rest
+            matches[summed] = _Match(call, call.args[0], w, bias, None, None, None, summed)
+            continue
         if len(chain) != 7:
             continue
         cast64, mul, _half, shr, addz, clip, cast = (value[v] for v in chain)
@@ -202,9 +221,9 @@ def _match_chains(func: relax.Function, *, lut: bool = False) -> dict[relax.Var,
         if m0 is None or sh is None or np.any(m0 >= 2**31) or np.any(sh > 62):
             continue
         m = _Match(call, call.args[0], w, bias, m0.astype(np.int32), sh.astype(np.int32),
-                   int(zp.reshape(())), int(clip.args[1].value), int(clip.args[2].value),
-                   str(cast.attrs.dtype), chain[-1])
-        if lut and m.requant.out_dtype == "int16":
+                   Requant(int(zp.reshape(())), int(clip.args[1].value),
+                           int(clip.args[2].value), str(cast.attrs.dtype)), chain[-1])
+        if lut and m.requant.out_dtype == "int16":  # (a requantized chain here)
             _lookup_table(m, next_of, value)
         if lut and _op(call, "relax.nn.conv2d") and isinstance(call.args[0], relax.Var):
             producer = value.get(call.args[0])
@@ -251,7 +270,7 @@ class _Dispatcher(relax.PyExprMutator):
         n, c, h, w = static_shape(data)
         o, _, kh, kw = m.weight.shape
         _, ow = conv_output_size(h + pad[0] + pad[2], w + pad[1] + pad[3], kh, kw, sh)
-        if sh == 1 and self.isa == "avx512_vnni" and not m.requant.lut_size and \
+        if sh == 1 and self.isa == "avx512_vnni" and not _has_table(m) and \
                 prefer_pixels(ow, o):
             key = ("conv-pixels", n, c, h, w, o, kh, kw, m.requant, pad, pad_value)
             gv = self._kernel(key, lambda: int8_conv2d_pixels(
@@ -323,13 +342,14 @@ class _Dispatcher(relax.PyExprMutator):
         # the matmul's output, and the depth-to-space below moves whole rows of o values
         w_cols = m.weight.transpose(0, 2, 3, 1).reshape(c_in, cols)
         args = [rows, relax.const(pack_weight(w_cols, "KN"), "int8"),
-                relax.const(np.tile(m.bias, rep), "int32"),
-                relax.const(np.tile(m.m0, rep), "int32"),
-                relax.const(np.tile(m.shift, rep), "int32")]
+                relax.const(np.tile(m.bias, rep), "int32")]
+        if m.requant is not None:
+            args += [relax.const(np.tile(m.m0, rep), "int32"),
+                     relax.const(np.tile(m.shift, rep), "int32")]
         if m.lut is not None:
             args.append(relax.const(m.lut))
         out = bb.emit(relax.call_tir(gv, args, relax.TensorType((n * h * w, cols),
-                                                                m.requant.result_dtype)))
+                                                                _result_dtype(m))))
         blocks = relax.op.reshape(out, (n, h, w, kh, kw, o))
         return relax.op.reshape(relax.op.permute_dims(blocks, [0, 5, 1, 3, 2, 4]),
                                 (n, o, h * kh, w * kw))
@@ -357,11 +377,12 @@ class _Dispatcher(relax.PyExprMutator):
             picked = self._conv(m) if _op(m.anchor, "relax.nn.conv2d") else self._dense(m)
             if picked is not None:
                 gv, (data, packed) = picked
-                args = [data, relax.const(packed, "int8"), relax.const(m.bias, "int32"),
-                        relax.const(m.m0, "int32"), relax.const(m.shift, "int32")]
+                args = [data, relax.const(packed, "int8"), relax.const(m.bias, "int32")]
+                if m.requant is not None:
+                    args += [relax.const(m.m0, "int32"), relax.const(m.shift, "int32")]
                 if m.lut is not None:
                     args.append(relax.const(m.lut))
-                out_ty = relax.TensorType(static_shape(binding.var), m.requant.result_dtype)
+                out_ty = relax.TensorType(static_shape(binding.var), _result_dtype(m))
                 call = relax.call_tir(gv, args, out_ty)
                 self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, call))
                 self.count += 1

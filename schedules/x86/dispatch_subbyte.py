@@ -123,8 +123,9 @@ class _SubByteDispatcher(relax.PyExprMutator):
                 self.value[b.var] = b.value
         self.picked: list[str] = []
         # requantization chains (chain end -> match) whose product the GEMV will take whole
+        # (a chain that is dequantized instead is left to the GEMV's own int32 output)
         self.fused = {v: m for v, m in _match_chains(func).items()
-                      if self._gemv_bits(m.anchor) is not None}
+                      if m.requant is not None and self._gemv_bits(m.anchor) is not None}
         self.fused_anchors = {var for var, value in self.value.items()
                               if any(value.same_as(m.anchor) for m in self.fused.values())}
 
