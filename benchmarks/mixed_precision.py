@@ -118,9 +118,8 @@ def run_model(kind: str, args, table_path: Path, lines: list[str]) -> None:
                           for n, row in ((x["name"], x) for x in r.report["layers"])}}
         offset = r.rest_ms if kind_budget == "latency" else 0.0
 
-        def fits(a, kind_budget=kind_budget, costs=costs, offset=offset, limit=limit,
-                 trans=r.transitions):
-            return ilp.total(a, costs[kind_budget], offset, trans, kind_budget) <= limit
+        def fits(a, kind_budget=kind_budget, costs=costs, offset=offset, limit=limit):
+            return ilp.total(a, costs[kind_budget], offset) <= limit
 
         rows = [(f"ILP ({m})", choices[m]) for m in measures]
         rows += [(f"uniform {p}", dict.fromkeys(names, p)) for p in precisions
@@ -156,12 +155,12 @@ def run_model(kind: str, args, table_path: Path, lines: list[str]) -> None:
             _log(f"{label}: {built[-1][3]}")
         times = interleaved_ms([b[2] for b in built])
         int8_row = next(i for i, b in enumerate(built) if b[0] == "uniform int8")
-        pred_int8 = ilp.total(built[int8_row][1], r.latency, r.rest_ms, r.transitions)
+        pred_int8 = ilp.total(built[int8_row][1], r.latency, r.rest_ms)
         for (label, a, _, metrics), ms in zip(built, times):
             counts = "/".join(str(sum(1 for v in a.values() if v == p))
                               for p in ("float", "int8", "int4"))
             size = ilp.total(a, costs["size"]) / 1e6
-            pred = ilp.total(a, r.latency, r.rest_ms, r.transitions)
+            pred = ilp.total(a, r.latency, r.rest_ms)
             # the table's prediction of the change from uniform int8, against the change
             # measured in the same rounds (drift between the table and now cancels)
             rel = (pred / pred_int8) / (ms / times[int8_row])

@@ -764,9 +764,6 @@ def _cmd_mixed_precision(args: argparse.Namespace) -> int:
     _out(f"  latency:       predicted {lat['predicted']:.3f} ms, measured "
          + (f"{lat['measured']:.3f} ms ({100 * lat['error']:+.1f}%)" if lat["measured"]
             else "-") + f"; uniform int8 {lat['uniform_int8_measured']:.3f} ms")
-    if lat.get("transitions"):
-        _out(f"                 ({lat['transitions']:.3f} ms of the prediction: activations "
-             "run in float because only float layers read them)")
     _out(f"  weights:       {report['size_bytes'] / 1e6:.3f} MB "
          f"(uniform int8 {result.uniform['int8']['size'] / 1e6:.3f} MB)")
     _out(f"  sensitivity:   {report['total_sensitivity']:.4g} "

@@ -68,35 +68,6 @@ def small_convnet(seed: int = 0, channels: int = 8, size: int = 12,
     return bb.get()
 
 
-def hswish_chain(seed: int = 5, size: int = 10) -> tvm.IRModule:
-    """conv 3x3 -> hard-swish -> conv 1x1 -> hard-swish -> conv 1x1, each activation read by
-    the next layer alone (a mixed-precision transition each). Input ``x``: (1, 3, size,
-    size) float32."""
-    rng = np.random.default_rng(seed)
-
-    def const(*shape, scale=0.3):
-        return relax.const(rng.normal(0, scale, shape).astype("float32"))
-
-    def hswish(bb, d):
-        h = bb.emit(relax.op.add(d, relax.const(3.0, "float32")))
-        h = bb.emit(relax.op.clip(h, 0, 6))
-        h = bb.emit(relax.op.multiply(d, h))
-        return bb.emit(relax.op.divide(h, relax.const(6.0, "float32")))
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 3, size, size), "float32"))
-    with bb.function("main", [x], attrs={"num_input": 1}):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, const(8, 3, 3, 3), padding=1))
-            y = hswish(bb, bb.emit(relax.op.add(y, const(1, 8, 1, 1, scale=0.1))))
-            y = bb.emit(relax.op.nn.conv2d(y, const(8, 8, 1, 1)))
-            y = hswish(bb, bb.emit(relax.op.add(y, const(1, 8, 1, 1, scale=0.1))))
-            y = bb.emit(relax.op.nn.conv2d(y, const(4, 8, 1, 1)))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    return bb.get()
-
-
 def binary_convnet(seed: int = 0, channels: int = 64, size: int = 12) -> tvm.IRModule:
     """A network shaped for binary and ternary layers, with 8-bit first and last layers:
     conv-bias-relu (``conv2d_0``) -> conv-bias (``conv2d_1``) -> conv-BatchNorm

@@ -8,7 +8,6 @@ import pytest
 from tvmquant.mixed_precision.ilp import (
     Budget,
     InfeasibleBudget,
-    Transition,
     monotone,
     pareto_sweep,
     parse_budget,
@@ -147,39 +146,3 @@ def test_prune_dominated_keeps_real_savings_only():
     worse = {"a": {"float": 0.0, "int8": 0.0}}
     assert prune_dominated(worse, {"latency": {"a": {"float": 2.0, "int8": 1.0}}},
                            ["latency"], {}, P) == {"a": {"int8": 0.0}}
-
-
-def test_transition_hand_solvable():
-    """P integer under a float C makes P's activation float: the pair costs 2 ms more."""
-    sens = {"P": {"float": 0.0, "int8": 1.0}, "C": {"float": 0.0, "int8": 5.0}}
-    lat = {"P": {"float": 3.0, "int8": 1.0}, "C": {"float": 3.0, "int8": 1.0}}
-    costs = {"latency": lat}
-    t = Transition("P", ("C",), {"latency": 2.0})
-    assert solve(sens, costs, [Budget("latency", 5.0)]) == {"P": "int8", "C": "float"}
-    chosen = solve(sens, costs, [Budget("latency", 5.0)], transitions=[t])
-    assert chosen == {"P": "float", "C": "int8"}
-    assert total({"P": "int8", "C": "float"}, lat, 0.0, [t]) == 6.0
-    assert total(chosen, lat, 0.0, [t]) == 4.0
-    assert solve(sens, costs, [Budget("latency", 3.9)], transitions=[t]) == \
-        {"P": "int8", "C": "int8"}
-    # a transition that would save time is not credited
-    gain = Transition("P", ("C",), {"latency": -2.0})
-    assert solve(sens, costs, [Budget("latency", 3.0)], transitions=[gain]) == \
-        solve(sens, costs, [Budget("latency", 3.0)])
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_transitions_match_brute_force(seed):
-    rng = np.random.default_rng(seed + 100)
-    names, sens, costs = _instance(rng, layers=5)
-    trans = [Transition(names[i], tuple(names[j] for j in (i + 1, i + 2) if j < 5)[:1 + i % 2],
-                        {"latency": float(rng.uniform(0.5, 3))}) for i in range(4)]
-    lat = costs["latency"]
-    limit = float(np.mean([total(dict(zip(names, a)), lat, 0.0, trans)
-                           for a in itertools.product(P, repeat=5)]))
-    got = solve(sens, costs, [Budget("latency", limit)], transitions=trans)
-    feasible = [dict(zip(names, a)) for a in itertools.product(P, repeat=5)
-                if total(dict(zip(names, a)), lat, 0.0, trans) <= limit + 1e-9]
-    best = min(total(a, sens) for a in feasible)
-    assert total(got, lat, 0.0, trans) <= limit + 1e-9
-    assert total(got, sens) == pytest.approx(best, abs=1e-9)

@@ -11,7 +11,7 @@ from tvmquant.passes.lower_to_integer_only import FALLBACK_ATTR
 import tvmquant
 from tvmquant.mixed_precision import latency as L
 from tvmquant.mixed_precision.layers import anchor_layers, assignment_config
-from tvmquant.testing import hswish_chain, mlp, small_convnet
+from tvmquant.testing import mlp, small_convnet
 
 TARGET = "x86-avx2"  # any x86-64 CPU runs it
 
@@ -162,62 +162,3 @@ def test_layer_with_activation_is_a_table_when_integer(quantized_sources):
     ref = run_module(L.layer_module(dw, "int8", lower=False), x).astype(np.int32)
     assert np.abs(got - ref).max() <= 1 and np.mean(got != ref) < 0.01
     assert len(np.unique(got)) > 8
-
-
-@pytest.fixture(scope="module")
-def chain():
-    from tvmquant.mixed_precision.layers import attach_qparams
-    from tvmquant.testing import random_inputs
-
-    samples = random_inputs(4, shape=(1, 3, 10, 10))
-    q8 = tvmquant.quantize(hswish_chain(), samples, "int8", progress=False)
-    return attach_qparams(anchor_layers(q8.float_mod), q8), samples
-
-
-def test_float_readers_make_the_producers_activation_float(chain):
-    """What a transition models: the real pipeline runs an integer layer's hard-swish as a
-    lookup table only while an integer layer reads it."""
-    sources, samples = chain
-    assert [s.readers for s in sources] == [("conv2d_1",), ("conv2d_2",), ()]
-
-    def tables(assignment):
-        q = tvmquant.quantize(hswish_chain(), samples, assignment_config(assignment),
-                              progress=False)
-        return q.mod["main"].script().count("R.take(")
-
-    assert tables({}) == 2
-    assert tables({"conv2d_2": "float"}) == 1  # conv2d_1's activation now float
-    assert tables({"conv2d_1": "float"}) == 0  # conv2d_0's too, and conv2d_1's own
-
-
-def test_float_readers_layer_module(chain):
-    from helpers import run_module
-
-    sources, _ = chain
-    src = sources[0]
-    text = L.layer_module(src, "int8", float_readers=True)["main"].script()
-    assert "R.take" not in text and 'out_dtype="int32"' in text and "R.dequantize" in text
-    rng = np.random.default_rng(4)
-    x = rng.integers(0, 256, src.info.input_shape).astype(src.input_qparams[2])
-    flt = run_module(L.layer_module(src, "int8", float_readers=True), x)
-    codes = run_module(L.layer_module(src, "int8"), x).astype(np.float64)
-    assert flt.dtype == np.float32
-    scale, zp, _ = src.activation_qparams
-    # the table's codes are the float activation, rounded to its grid
-    assert np.abs((codes - zp) * scale - flt).max() <= 1.01 * scale
-    with pytest.raises(ValueError, match="activation region"):
-        L.layer_module(sources[2], "int8", float_readers=True)
-
-
-def test_transitions_from_the_table(chain, tmp_path, monkeypatch):
-    sources, _ = chain
-    monkeypatch.setattr(L, "measure_layer",
-                        lambda s, p, t, **k: 3.0 if p == L.FLOAT_READERS else 1.0)
-    table = L.LatencyTable(tmp_path / "lat.json")
-    got = L.measure_latencies(sources, ["int8", "int4"], TARGET, table, progress=False)
-    assert all(set(row) == {"int8", "int4"} for row in got.values())
-    assert L.transitions(sources, TARGET, table) == []  # float not a candidate: none timed
-    L.measure_latencies(sources, ["int8", "float"], TARGET, table, progress=False)
-    trans = L.transitions(sources, TARGET, table)
-    assert [(t.layer, t.readers, t.cost["latency"]) for t in trans] == \
-        [("conv2d_0", ("conv2d_1",), 2.0), ("conv2d_1", ("conv2d_2",), 2.0)]

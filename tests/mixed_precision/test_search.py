@@ -8,7 +8,7 @@ import pytest
 
 import tvmquant
 from tvmquant import mixed_precision as mp
-from tvmquant.testing import hswish_chain, random_inputs, small_convnet
+from tvmquant.testing import random_inputs, small_convnet
 
 TARGET = "x86-avx2"
 
@@ -145,20 +145,3 @@ def test_int8_context_search_under_a_latency_budget(result):
     assert sim["uniform_int8"] > 0 and sim["chosen"] >= 0
     if all(p == "int8" for p in r.assignment.values()):
         assert sim["chosen"] == sim["uniform_int8"]
-
-
-def test_search_counts_transitions(tmp_path):
-    """Layers whose activation only the next layer reads: the search times each one's
-    activation in float too, and its prediction adds what the chosen assignment makes float."""
-    r = mp.search(hswish_chain(size=24), random_inputs(4, shape=(1, 3, 24, 24)), TARGET,
-                  latency_budget="1.5x-int8", latency_table=tmp_path / "lat.json",
-                  progress=False, pareto_points=4)
-    assert [(t["layer"], t["readers"]) for t in r.report["transitions"]] == \
-        [("conv2d_0", ["conv2d_1"]), ("conv2d_1", ["conv2d_2"])]
-    assert [t.layer for t in r.transitions] == ["conv2d_0", "conv2d_1"]
-    extra = mp.ilp.transitions_total(r.assignment, r.transitions, "latency")
-    lat = r.report["latency_ms"]
-    assert lat["transitions"] == extra
-    assert lat["predicted"] == pytest.approx(
-        lat["rest"] + sum(r.latency[n][p] for n, p in r.assignment.items()) + extra)
-    assert lat["predicted"] <= r.report["latency_budget_ms"] + 1e-9

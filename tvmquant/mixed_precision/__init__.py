@@ -5,15 +5,12 @@ calibration data (:mod:`.sensitivity`: ZeroQ's output divergence or HAWQ-V2's He
 Hutchinson; :mod:`.simulate`: any assignment's quantization, every tensor, on one
 module), a latency measured on the target with tvmquant's kernels (:mod:`.latency`, a
 cached lookup table), exact size and BOPs (:mod:`.layers`); an integer linear program picks one
-precision per layer under latency / size / BOPs budgets (:mod:`.ilp`, ``scipy.optimize.milp``),
-with the latency that two neighbouring layers' precisions add together (an integer layer
-whose activation only float layers read runs it in float: :class:`~.ilp.Transition`).
+precision per layer under latency / size / BOPs budgets (:mod:`.ilp`, ``scipy.optimize.milp``).
 :func:`search` runs the whole loop and returns the quantized, compiled choice; the CLI is
 ``tvmquant mixed-precision``.
 """
 
-from . import ilp
-from .ilp import Budget, InfeasibleBudget, Transition, pareto_sweep, parse_budget, solve
+from .ilp import Budget, InfeasibleBudget, pareto_sweep, parse_budget, solve
 from .latency import LatencyTable
 from .layers import PRECISIONS, LayerInfo, anchor_layers, assignment_config
 from .search import LATENCY_NOISE, MixedPrecisionResult, random_assignments, search, write_plots
@@ -26,10 +23,8 @@ __all__ = [
     "LatencyTable",
     "LayerInfo",
     "MixedPrecisionResult",
-    "Transition",
     "anchor_layers",
     "assignment_config",
-    "ilp",
     "pareto_sweep",
     "parse_budget",
     "random_assignments",

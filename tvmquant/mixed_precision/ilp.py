@@ -5,12 +5,6 @@ Variables ``x[l, p]`` in {0, 1}, one per layer and candidate precision, with
 each budget is a linear constraint ``offset + sum cost[l, p] x[l, p] <= limit`` (latency:
 the offset is the measured time of everything that is not a chosen layer; size and BOPs:
 no offset). Ties in sensitivity go to the cheaper assignment (a second solve).
-
-A cost that depends on two layers' precisions enters as a :class:`Transition`: layer ``P``
-integer while every layer that reads its activation is float makes that activation run in
-float instead of as a lookup table (measured: ``P``'s hard-swish table becomes a float
-hard-swish). One more variable ``y`` in [0, 1] per transition, linearized as
-``y >= (1 - x[P, float]) + sum_C x[C, float] - |C|``, carries its cost in the budget rows.
 """
 
 from __future__ import annotations
@@ -48,25 +42,6 @@ _LAT_UNITS = {"": 1.0, "ms": 1.0, "s": 1e3, "us": 1e-3}
 _BOPS_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
 
-@dataclass(frozen=True)
-class Transition:
-    """``cost[kind]`` more when ``layer`` is not float and every one of ``readers`` is."""
-
-    layer: str
-    readers: tuple[str, ...]
-    cost: Mapping[str, float]
-
-    def active(self, assignment: Mapping[str, str]) -> bool:
-        return assignment.get(self.layer, "float") != "float" and \
-            all(assignment.get(r) == "float" for r in self.readers)
-
-
-def transitions_total(assignment: Mapping[str, str], transitions: Sequence[Transition],
-                      kind: str) -> float:
-    """The transitions' cost of ``kind`` that ``assignment`` pays."""
-    return float(sum(t.cost.get(kind, 0.0) for t in transitions if t.active(assignment)))
-
-
 def parse_budget(kind: str, text: str | float, reference: Mapping[str, float]) -> Budget:
     """``"0.8x-int8"`` (relative to the uniform assignment named), ``"12ms"``, ``"4MB"``,
     ``"3.5G"`` or a plain number (ms, bytes, BOPs).
@@ -93,14 +68,12 @@ def parse_budget(kind: str, text: str | float, reference: Mapping[str, float]) -
 
 def solve(sensitivity: Mapping[str, Mapping[str, float]],
           costs: Mapping[str, Mapping[str, Mapping[str, float]]],
-          budgets: Sequence[Budget], offsets: Mapping[str, float] | None = None,
-          transitions: Sequence[Transition] = ()) -> dict[str, str]:
+          budgets: Sequence[Budget], offsets: Mapping[str, float] | None = None
+          ) -> dict[str, str]:
     """The assignment ``{layer: precision}`` of least total sensitivity within the budgets.
 
     ``sensitivity[layer][precision]``; ``costs[kind][layer][precision]`` for every budget's
-    kind; a layer's candidates are the precisions present in all of them. ``transitions``:
-    the pairwise costs (see the module docstring); those whose layers cannot take the
-    precisions they need are left out.
+    kind; a layer's candidates are the precisions present in all of them.
     """
     offsets = dict(offsets or {})
     layers = list(sensitivity)
@@ -112,41 +85,18 @@ def solve(sensitivity: Mapping[str, Mapping[str, float]],
             raise ValueError(f"layer {layer!r} has no precision with every cost measured")
         cands[layer] = ps
     index = [(layer, p) for layer in layers for p in cands[layer]]
-    # a transition that can happen: its layer may be integer, each reader may be float
-    trans = [t for t in transitions if t.layer in cands and t.readers and
-             any(p != "float" for p in cands[t.layer]) and
-             all(r in cands and "float" in cands[r] for r in t.readers) and
-             any(t.cost.get(b.kind, 0.0) for b in budgets)]
-    n = len(index) + len(trans)
-    col = {key: j for j, key in enumerate(index)}
-    obj = np.zeros(n)
-    obj[:len(index)] = [sensitivity[layer][p] for layer, p in index]
+    n = len(index)
+    obj = np.array([sensitivity[layer][p] for layer, p in index], dtype=np.float64)
     rows = np.zeros((len(layers), n))
     pos = {layer: i for i, layer in enumerate(layers)}
     for j, (layer, _) in enumerate(index):
         rows[pos[layer], j] = 1
     constraints = [LinearConstraint(rows, 1, 1)]
-    if trans:
-        # y_t - (1 - x[P, float]) - sum_C x[C, float] >= -|C|
-        link = np.zeros((len(trans), n))
-        for i, t in enumerate(trans):
-            link[i, len(index) + i] = 1
-            if (t.layer, "float") in col:
-                link[i, col[t.layer, "float"]] = 1
-            for r in t.readers:
-                link[i, col[r, "float"]] -= 1
-        constraints.append(LinearConstraint(link, [1.0 - len(t.readers) for t in trans],
-                                            np.inf))
     for b in budgets:
-        row = np.zeros(n)
-        row[:len(index)] = [costs[b.kind][layer][p] for layer, p in index]
-        # a transition that saves something would be "chosen" to loosen the budget: only
-        # its extra costs count
-        row[len(index):] = [max(0.0, t.cost.get(b.kind, 0.0)) for t in trans]
+        row = np.array([costs[b.kind][layer][p] for layer, p in index])
         constraints.append(LinearConstraint(row[None, :], -np.inf,
                                             b.limit - offsets.get(b.kind, 0.0)))
-    bounds = Bounds(0, 1)
-    integrality = np.r_[np.ones(len(index)), np.zeros(len(trans))]
+    bounds, integrality = Bounds(0, 1), np.ones(n)
     res = milp(obj, constraints=constraints, integrality=integrality, bounds=bounds)
     if res.status == 2 or res.x is None:
         lows = []
@@ -163,7 +113,7 @@ def solve(sensitivity: Mapping[str, Mapping[str, float]],
         # Among the least-sensitive assignments, the cheapest (first budget's kind): a second
         # solve with the sensitivity held at its optimum.
         best = float(obj @ np.round(res.x))
-        tie = constraints[-len(budgets)].A[0]
+        tie = np.array([costs[budgets[0].kind][layer][p] for layer, p in index])
         hold = LinearConstraint(obj[None, :], -np.inf, best + 1e-9 * max(abs(best), 1e-12))
         res2 = milp(tie, constraints=[*constraints, hold], integrality=integrality,
                     bounds=bounds)
@@ -237,30 +187,24 @@ def prune_dominated(sensitivity: Mapping[str, Mapping[str, float]],
 
 
 def total(assignment: Mapping[str, str], table: Mapping[str, Mapping[str, float]],
-          offset: float = 0.0, transitions: Sequence[Transition] = (),
-          kind: str = "latency") -> float:
-    """``offset + sum table[layer][assignment[layer]]``, plus the ``kind`` cost of the
-    ``transitions`` the assignment makes."""
-    return offset + float(sum(table[layer][p] for layer, p in assignment.items())) + \
-        transitions_total(assignment, transitions, kind)
+          offset: float = 0.0) -> float:
+    """``offset + sum table[layer][assignment[layer]]``."""
+    return offset + float(sum(table[layer][p] for layer, p in assignment.items()))
 
 
 def pareto_sweep(sensitivity, costs, kind: str, limits: Sequence[float],
                  offsets: Mapping[str, float] | None = None,
-                 extra: Sequence[Budget] = (), transitions: Sequence[Transition] = ()
-                 ) -> list[dict]:
+                 extra: Sequence[Budget] = ()) -> list[dict]:
     """Solve at each limit of one budget kind; the non-dominated points, cheapest first."""
     offsets = dict(offsets or {})
     points = []
     for limit in limits:
         try:
-            a = solve(sensitivity, costs, [Budget(kind, limit), *extra], offsets,
-                      transitions)
+            a = solve(sensitivity, costs, [Budget(kind, limit), *extra], offsets)
         except InfeasibleBudget:
             continue
         points.append({"limit": float(limit), "assignment": a,
-                       "cost": total(a, costs[kind], offsets.get(kind, 0.0), transitions,
-                                     kind),
+                       "cost": total(a, costs[kind], offsets.get(kind, 0.0)),
                        "sensitivity": total(a, sensitivity)})
     points.sort(key=lambda p: (p["cost"], p["sensitivity"]))
     front, best = [], np.inf
@@ -271,5 +215,5 @@ def pareto_sweep(sensitivity, costs, kind: str, limits: Sequence[float],
     return front
 
 
-__all__ = ["Budget", "InfeasibleBudget", "Transition", "monotone", "pareto_sweep",
-           "parse_budget", "prune_dominated", "solve", "total", "transitions_total"]
+__all__ = ["Budget", "InfeasibleBudget", "monotone", "pareto_sweep", "parse_budget",
+           "prune_dominated", "solve", "total"]

@@ -98,16 +98,11 @@ class LatencyTable:
         return sum(len(p) for layers in self.data.values() for p in layers.values())
 
 
-def layer_module(src: LayerSource, precision: str, *, lower: bool = True,
-                 float_readers: bool = False) -> tvm.IRModule:
+def layer_module(src: LayerSource, precision: str, *, lower: bool = True) -> tvm.IRModule:
     """The layer alone, 8-bit codes in and out, lowered like the integer graph lowers it;
     with the activation that alone reads it (``src.activation``), which is a lookup table
     of its codes when the layer is integer and float ops when it is float. ``lower=False``:
-    the quantize/dequantize form before :class:`~tvmquant.passes.LowerToIntegerOnly`.
-    ``float_readers``: as the layer runs when the layers that read its activation are all
-    float: the activation in float ops on its dequantized codes, a float output."""
-    if float_readers and not src.activation:
-        raise ValueError(f"layer {src.info.name} has no activation region of its own")
+    the quantize/dequantize form before :class:`~tvmquant.passes.LowerToIntegerOnly`."""
     info = src.info
     (in_scale, in_zp, in_dtype), (out_scale, out_zp, out_dtype) = (src.input_qparams,
                                                                    src.output_qparams)
@@ -145,12 +140,9 @@ def layer_module(src: LayerSource, precision: str, *, lower: bool = True,
                     remap[var] = bb.emit(relax.Call(value.op, args, value.attrs))
                 y = remap[src.activation[-1]]
                 out_scale, out_zp, out_dtype = src.activation_qparams
-            if float_readers:
-                out = bb.emit_output(y)
-            else:
-                out = bb.emit_output(relax.op.quantize(
-                    y, relax.const(out_scale, f32), relax.const(out_zp, "int32"),
-                    out_dtype=out_dtype))
+            out = bb.emit_output(relax.op.quantize(
+                y, relax.const(out_scale, f32), relax.const(out_zp, "int32"),
+                out_dtype=out_dtype))
         bb.emit_func_output(out)
     mod = LowerToIntegerOnly()(bb.get()) if lower else bb.get()
     return relax.transform.FoldConstant()(mod)
@@ -179,20 +171,13 @@ def time_module(ex, inputs: Sequence[np.ndarray], *, number: int = 10, repeat: i
     return float(f(*args).median * 1e3)
 
 
-#: The latency table's name for an int8 layer whose activation's readers are all float.
-FLOAT_READERS = "int8>float"
-
-
 def measure_layer(src: LayerSource, precision: str, target, *, database=None,
                   number: int = 10, repeat: int = 5, remote=None) -> float:
     """Milliseconds of one layer at one precision on ``target`` (built with tvmquant.build),
-    here or on an RPC ``remote``; precision :data:`FLOAT_READERS`: int8 with the
-    activation in float (``layer_module(..., float_readers=True)``)."""
+    here or on an RPC ``remote``."""
     from ..api import build
 
-    mod = layer_module(src, "int8", float_readers=True) if precision == FLOAT_READERS else \
-        layer_module(src, precision)
-    ex = build(mod, target, database=database)
+    ex = build(layer_module(src, precision), target, database=database)
     rng = np.random.default_rng(0)
     dtype = np.dtype(src.input_qparams[2])
     info = np.iinfo(dtype)
@@ -215,10 +200,8 @@ def measure_latencies(sources: Sequence[LayerSource], precisions: Sequence[str],
 
     tgt = resolve_target(target)
     tkey = target_key(tgt) + (f"@{device_key}" if device_key else "")
-    wanted = [(s, p) for s in sources for p in precisions]
-    if "float" in precisions:  # the transitions' second time (see transitions())
-        wanted += [(s, FLOAT_READERS) for s in sources if s.readers]
-    todo = [(s, p) for s, p in wanted if table.get(tkey, s.info.key(), p) is None]
+    todo = [(s, p) for s in sources for p in precisions
+            if table.get(tkey, s.info.key(), p) is None]
     seen = set()
     todo = [(s, p) for s, p in todo if not ((s.info.key(), p) in seen
                                            or seen.add((s.info.key(), p)))]
@@ -236,31 +219,11 @@ def measure_latencies(sources: Sequence[LayerSource], precisions: Sequence[str],
             for s in sources}
 
 
-def transitions(sources: Sequence[LayerSource], target, table: LatencyTable,
-                device_key: str | None = None) -> list:
-    """The ILP's latency transitions (:class:`~.ilp.Transition`): for each layer whose
-    activation only layers read, the extra time of that activation in float (its readers
-    all float, the layer integer) over its lookup table, from the :data:`FLOAT_READERS`
-    times that :func:`measure_latencies` adds to ``table`` when float is a candidate."""
-    from ..targets import resolve_target
-    from .ilp import Transition
-
-    tkey = target_key(resolve_target(target)) + (f"@{device_key}" if device_key else "")
-    out = []
-    for s in sources:
-        slow = table.get(tkey, s.info.key(), FLOAT_READERS) if s.readers else None
-        fast = table.get(tkey, s.info.key(), "int8")
-        if slow is not None and fast is not None:
-            out.append(Transition(s.info.name, s.readers, {"latency": slow - fast}))
-    return out
-
-
 def predict(assignment: dict[str, str], latencies: dict[str, dict[str, float]],
             rest_ms: float) -> float:
     """Predicted end-to-end milliseconds of an assignment."""
     return rest_ms + sum(latencies[name][p] for name, p in assignment.items())
 
 
-__all__ = ["FLOAT_READERS", "LatencyTable", "kernels_fingerprint", "layer_module",
-           "measure_latencies", "measure_layer", "predict", "target_key", "time_module",
-           "transitions"]
+__all__ = ["LatencyTable", "kernels_fingerprint", "layer_module", "measure_latencies",
+           "measure_layer", "predict", "target_key", "time_module"]

@@ -104,9 +104,6 @@ class LayerSource:
     activation: tuple[relax.Var, ...] = ()
     activation_values: tuple[relax.Call, ...] = ()
     activation_qparams: tuple[float, int, str] = (0.05, 0, "uint8")
-    # the layers that read the activation's output, when nothing else does: if they are all
-    # float while this layer is integer, the activation runs in float (an ILP transition)
-    readers: tuple[str, ...] = ()
 
 
 _ATTR_FIELDS = ("strides", "padding", "dilation", "groups", "data_layout", "kernel_layout",
@@ -140,8 +137,6 @@ def anchor_layers(float_mod: tvm.IRModule, func_name: str = "main") -> list[Laye
     """The anchors with constant weights of a canonical float module, in dataflow order."""
     func = float_mod[func_name]
     plan = plan_quantization(func, get_preset("int8"))
-    anchor_of = {lay.members[0]: lay.name for lay in plan.layers
-                 if lay.kind == "anchor" and lay.weight is not None}
     out = []
     for layer in plan.layers:
         if layer.kind != "anchor" or layer.weight is None:
@@ -168,13 +163,9 @@ def anchor_layers(float_mod: tvm.IRModule, func_name: str = "main") -> list[Laye
             has_bias=bias is not None,
             clamp=None if clamp is None else clamp.op.name.split(".")[-1],
             activation=",".join(_activation_text(plan.bindings[m]) for m in region) or None)
-        users = plan.users.get(region[-1], []) if region else []
-        readers = tuple(anchor_of[u] for u in users if u in anchor_of and
-                        plan.bindings[u].args[0].same_as(region[-1]))
         out.append(LayerSource(info, layer.members[0], call, weight, bias, clamp, layer.output,
                                activation=region,
-                               activation_values=tuple(plan.bindings[m] for m in region),
-                               readers=readers if len(readers) == len(users) else ()))
+                               activation_values=tuple(plan.bindings[m] for m in region)))
     return out
 
 
@@ -226,8 +217,7 @@ def attach_qparams(sources: list[LayerSource], quantized) -> list[LayerSource]:
         qin = qparams(src.call.args[0]) or src.input_qparams
         qout = (qparams(src.output) if src.output is not None else None) or src.output_qparams
         qact = qparams(src.activation[-1]) if src.activation else None
-        region = {} if qact is not None else {"activation": (), "activation_values": (),
-                                              "readers": ()}
+        region = {} if qact is not None else {"activation": (), "activation_values": ()}
         info = dataclasses.replace(src.info, input_zp_zero=qin[1] == 0, output_dtype=qout[2],
                                    **({} if qact is not None else {"activation": None}))
         out.append(dataclasses.replace(src, info=info, input_qparams=qin, output_qparams=qout,

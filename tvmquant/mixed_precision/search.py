@@ -27,7 +27,7 @@ from ..calibration.runner import check_sample, input_signature
 from ..config import QuantConfig, get_preset
 from ..targets import resolve_target
 from . import ilp
-from .latency import LatencyTable, measure_latencies, target_key, time_module, transitions
+from .latency import LatencyTable, measure_latencies, target_key, time_module
 from .layers import PRECISIONS, anchor_layers, assignment_config, attach_qparams
 from .sensitivity import (
     SensitivityCache,
@@ -62,7 +62,6 @@ class MixedPrecisionResult:
     uniform: dict[str, dict[str, float]]
     pareto: list[dict] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
-    transitions: list = field(default_factory=list)  # ilp.Transition: pairwise latencies
 
 
 def _simulator(q8, sources, target) -> AssignmentSimulator:
@@ -182,10 +181,6 @@ def search(
                             progress=progress, remote=remote,
                             device_key=rpc.key if rpc is not None else None)
     rest = e_int8 - sum(lat[n]["int8"] for n in names)
-    # an integer layer whose activation only float layers read runs that activation in
-    # float: a cost of two layers' precisions
-    trans = transitions(sources, tgt, table, rpc.key if rpc is not None else None) \
-        if "float" in precisions else []
 
     # 3. sensitivity
     sens_cache = SensitivityCache(cache)
@@ -233,16 +228,15 @@ def search(
     pruned = ilp.prune_dominated(sens, costs, [b.kind for b in budgets],
                                  {"latency": LATENCY_NOISE}, PRECISIONS)
     try:
-        assignment = ilp.solve(pruned, costs, budgets, offsets, trans)
+        assignment = ilp.solve(pruned, costs, budgets, offsets)
     except ilp.InfeasibleBudget:
-        assignment = ilp.solve(sens, costs, budgets, offsets, trans)
+        assignment = ilp.solve(sens, costs, budgets, offsets)
     lat_budget = [b for b in budgets if b.kind == "latency"]
     others = [b for b in budgets if b.kind != "latency"]
     lo = rest + sum(min(lat[n].values()) for n in names)  # the fastest assignment
     hi = max(uniform[p]["latency"] for p in precisions)
     limits = np.geomspace(lo * 1.0001, hi * 1.0001, pareto_points)  # dense where it is tight
-    front = ilp.pareto_sweep(sens, costs, "latency", limits, offsets, extra=others,
-                             transitions=trans)
+    front = ilp.pareto_sweep(sens, costs, "latency", limits, offsets, extra=others)
 
     # the whole assignment's divergence, simulated (the ILP adds per-layer changes up)
     simulated = None
@@ -260,7 +254,7 @@ def search(
     qmix = quantize(mod, samples, config, progress=False)
     ex = build(qmix, tgt, database=database)
     measured = time_module(ex, inputs, remote=remote) if measure else None
-    predicted = ilp.total(assignment, lat, rest, trans)
+    predicted = ilp.total(assignment, lat, rest)
     counts = {p: sum(1 for v in assignment.values() if v == p) for p in precisions}
     report = {
         "target": target_key(tgt),
@@ -270,8 +264,7 @@ def search(
         "counts": counts,
         "latency_ms": {"predicted": predicted, "measured": measured,
                        "error": None if not measured else (predicted - measured) / measured,
-                       "rest": rest, "uniform_int8_measured": e_int8,
-                       "transitions": ilp.transitions_total(assignment, trans, "latency")},
+                       "rest": rest, "uniform_int8_measured": e_int8},
         "size_bytes": ilp.total(assignment, costs["size"]),
         "bops": ilp.total(assignment, costs["bops"]),
         "total_sensitivity": ilp.total(assignment, sens),
@@ -287,10 +280,8 @@ def search(
                                for k in precisions}} for p in front],
         "latency_budget_ms": lat_budget[0].limit if lat_budget else None,
     }
-    report["transitions"] = [{"layer": t.layer, "readers": list(t.readers),
-                              "latency_ms": t.cost["latency"]} for t in trans]
     return MixedPrecisionResult(assignment, config, qmix, ex, sens, lat, rest, predicted,
-                                measured, uniform, front, report, trans)
+                                measured, uniform, front, report)
 
 
 def write_plots(result: MixedPrecisionResult, folder: str | Path, stem: str = "mixed"
