@@ -77,7 +77,7 @@ def run_model(kind: str, args, table_path: Path, lines: list[str]) -> None:
     def evaluate(config):
         q = tvmquant.quantize(mod, calib, config, progress=False)
         ex = tvmquant.build(q, target)
-        return ex, [tvmquant.run(ex, [x])[0] for x in evals]
+        return ex, [tvmquant.run(ex, [x])[0] for x in evals], q
 
     def interleaved_ms(executables, rounds=5):
         """Median ms of each, timed in alternating rounds (the VM drifts by up to 2x over
@@ -150,17 +150,19 @@ def run_model(kind: str, args, table_path: Path, lines: list[str]) -> None:
         lines.append("|---|---|---:|---:|---:|---:|---|---:|" + "---:|" * len(metric_keys))
         built = []
         for label, a in rows:
-            ex, outs = evaluate(mp.assignment_config(a))
-            built.append((label, a, ex, _score(kind, ds, ref, outs)))
+            ex, outs, q = evaluate(mp.assignment_config(a))
+            # predicted as the pipeline runs it (a float layer may take a neighbour along)
+            eff = mp.effective_assignment(a, q, r.latency)
+            built.append((label, a, ex, _score(kind, ds, ref, outs), eff))
             _log(f"{label}: {built[-1][3]}")
         times = interleaved_ms([b[2] for b in built])
         int8_row = next(i for i, b in enumerate(built) if b[0] == "uniform int8")
-        pred_int8 = ilp.total(built[int8_row][1], r.latency, r.rest_ms)
-        for (label, a, _, metrics), ms in zip(built, times):
+        pred_int8 = ilp.total(built[int8_row][4], r.latency, r.rest_ms)
+        for (label, a, _, metrics, eff), ms in zip(built, times):
             counts = "/".join(str(sum(1 for v in a.values() if v == p))
                               for p in ("float", "int8", "int4"))
             size = ilp.total(a, costs["size"]) / 1e6
-            pred = ilp.total(a, r.latency, r.rest_ms)
+            pred = ilp.total(eff, r.latency, r.rest_ms)
             # the table's prediction of the change from uniform int8, against the change
             # measured in the same rounds (drift between the table and now cancels)
             rel = (pred / pred_int8) / (ms / times[int8_row])

@@ -764,6 +764,9 @@ def _cmd_mixed_precision(args: argparse.Namespace) -> int:
     _out(f"  latency:       predicted {lat['predicted']:.3f} ms, measured "
          + (f"{lat['measured']:.3f} ms ({100 * lat['error']:+.1f}%)" if lat["measured"]
             else "-") + f"; uniform int8 {lat['uniform_int8_measured']:.3f} ms")
+    if report.get("knock_on_float"):
+        _out("  also float:    " + ", ".join(report["knock_on_float"]) +
+             " (a float neighbour took their integer rule; predicted as float)")
     _out(f"  weights:       {report['size_bytes'] / 1e6:.3f} MB "
          f"(uniform int8 {result.uniform['int8']['size'] / 1e6:.3f} MB)")
     _out(f"  sensitivity:   {report['total_sensitivity']:.4g} "

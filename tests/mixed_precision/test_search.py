@@ -145,3 +145,30 @@ def test_int8_context_search_under_a_latency_budget(result):
     assert sim["uniform_int8"] > 0 and sim["chosen"] >= 0
     if all(p == "int8" for p in r.assignment.values()):
         assert sim["chosen"] == sim["uniform_int8"]
+
+
+def test_effective_assignment_takes_the_pipelines_float_layers():
+    """A float conv2d_0 takes conv2d_1 with it (their residual add loses its integer rule):
+    the prediction counts conv2d_1 as the pipeline runs it, in float."""
+    names = ["conv2d_0", "conv2d_1", "conv2d_2", "matmul_0"]
+    a = dict.fromkeys(names, "int8") | {"conv2d_0": "float"}
+    q = tvmquant.quantize(small_convnet(), random_inputs(2), mp.assignment_config(a),
+                          progress=False)
+    lat = {n: {"float": 2.0, "int8": 1.0} for n in names}
+    assert mp.effective_assignment(a, q, lat) == a | {"conv2d_1": "float"}
+    # without a float time for it, the layer keeps its nominal precision
+    assert mp.effective_assignment(a, q, lat | {"conv2d_1": {"int8": 1.0}}) == a
+
+
+def test_prediction_is_of_the_effective_assignment(result):
+    r, _ = result
+    lat = r.report["latency_ms"]
+    eff = dict(r.assignment)
+    for n in r.report["knock_on_float"]:
+        assert r.assignment[n] != "float"
+        eff[n] = "float"
+    fell = {f["name"] for f in r.quantized.report["float_layers"]}
+    assert set(r.report["knock_on_float"]) == {n for n in fell & set(eff)
+                                               if r.assignment[n] != "float"}
+    assert lat["predicted"] == pytest.approx(
+        lat["rest"] + sum(r.latency[n][p] for n, p in eff.items()))

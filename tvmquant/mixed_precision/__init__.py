@@ -13,7 +13,14 @@ precision per layer under latency / size / BOPs budgets (:mod:`.ilp`, ``scipy.op
 from .ilp import Budget, InfeasibleBudget, pareto_sweep, parse_budget, solve
 from .latency import LatencyTable
 from .layers import PRECISIONS, LayerInfo, anchor_layers, assignment_config
-from .search import LATENCY_NOISE, MixedPrecisionResult, random_assignments, search, write_plots
+from .search import (
+    LATENCY_NOISE,
+    MixedPrecisionResult,
+    effective_assignment,
+    random_assignments,
+    search,
+    write_plots,
+)
 
 __all__ = [
     "LATENCY_NOISE",
@@ -25,6 +32,7 @@ __all__ = [
     "MixedPrecisionResult",
     "anchor_layers",
     "assignment_config",
+    "effective_assignment",
     "pareto_sweep",
     "parse_budget",
     "random_assignments",

@@ -68,6 +68,16 @@ def _simulator(q8, sources, target) -> AssignmentSimulator:
     return AssignmentSimulator(q8.float_mod, q8.config, q8.ranges, sources, target=target)
 
 
+def effective_assignment(assignment: dict[str, str], quantized,
+                         latency: dict[str, dict[str, float]] | None = None) -> dict[str, str]:
+    """``assignment`` as ``quantized`` (its QuantizedModel) runs it: a layer the pipeline left
+    in float (a float neighbour took away the integer rule of its add or clip) is float,
+    where ``latency`` has a float time for it."""
+    fell = {f["name"] for f in quantized.report.get("float_layers", [])}
+    return {n: "float" if n in fell and (latency is None or "float" in latency.get(n, {}))
+            else p for n, p in assignment.items()}
+
+
 def _uniform(layers, precision):
     return {name: precision for name in layers}
 
@@ -130,7 +140,10 @@ def search(
     database : optional
         Tuned records (``tvmquant tune``) used for every build.
     measure : bool
-        Build and time the chosen model (the check of the latency prediction).
+        Build and time the chosen model (the check of the latency prediction). The
+        prediction is of the assignment as the pipeline runs it
+        (:func:`effective_assignment`: a layer a float neighbour took along is float,
+        ``report["knock_on_float"]``); the ILP itself sees each layer alone.
     rpc : tvmquant.tuning.RPCDevice, optional
         Measure every latency (layers and whole models) on the device behind TVM's RPC
         tracker instead of this machine; ``target`` must then describe that device.
@@ -180,7 +193,11 @@ def search(
     lat = measure_latencies(sources, precisions, tgt, table, database=database,
                             progress=progress, remote=remote,
                             device_key=rpc.key if rpc is not None else None)
-    rest = e_int8 - sum(lat[n]["int8"] for n in names)
+    # (a layer that the uniform int8 model runs in float anyway is float there, and in the
+    # ILP: its other candidates do not exist)
+    forced = {n for n, p in effective_assignment(_uniform(names, "int8"), q8, lat).items()
+              if p == "float"}
+    rest = e_int8 - sum(lat[n]["float" if n in forced else "int8"] for n in names)
 
     # 3. sensitivity
     sens_cache = SensitivityCache(cache)
@@ -208,6 +225,7 @@ def search(
         sens = hessian_sensitivity(traces, sources, precisions)
     sens = ilp.monotone({n: {p: float(sens[n].get(p, 0.0)) for p in precisions}
                          for n in names}, PRECISIONS)
+    sens = {n: {"float": row["float"]} if n in forced else row for n, row in sens.items()}
 
     # 4. ILP
     info = {s.info.name: s.info for s in sources}
@@ -217,7 +235,7 @@ def search(
     offsets = {"latency": rest}
     uniform = {}
     for p in precisions:
-        a = _uniform(names, p)
+        a = {n: "float" if n in forced else p for n in names}
         uniform[p] = {kind: ilp.total(a, costs[kind], offsets.get(kind, 0.0))
                       for kind in ilp.KINDS} | {"sensitivity": ilp.total(a, sens)}
     budgets = [ilp.parse_budget(kind, text, {p: uniform[p][kind] for p in precisions})
@@ -233,7 +251,7 @@ def search(
         assignment = ilp.solve(sens, costs, budgets, offsets)
     lat_budget = [b for b in budgets if b.kind == "latency"]
     others = [b for b in budgets if b.kind != "latency"]
-    lo = rest + sum(min(lat[n].values()) for n in names)  # the fastest assignment
+    lo = rest + sum(min(lat[n][p] for p in sens[n]) for n in names)  # the fastest one
     hi = max(uniform[p]["latency"] for p in precisions)
     limits = np.geomspace(lo * 1.0001, hi * 1.0001, pareto_points)  # dense where it is tight
     front = ilp.pareto_sweep(sens, costs, "latency", limits, offsets, extra=others)
@@ -254,7 +272,10 @@ def search(
     qmix = quantize(mod, samples, config, progress=False)
     ex = build(qmix, tgt, database=database)
     measured = time_module(ex, inputs, remote=remote) if measure else None
-    predicted = ilp.total(assignment, lat, rest)
+    # predicted as it runs: a float layer may take a neighbour's integer rule with it (the
+    # ILP does not know that: a layer alone in float is what the table measured)
+    effective = effective_assignment(assignment, qmix, lat)
+    predicted = ilp.total(effective, lat, rest)
     counts = {p: sum(1 for v in assignment.values() if v == p) for p in precisions}
     report = {
         "target": target_key(tgt),
@@ -262,6 +283,7 @@ def search(
         "sensitivity_measure": sensitivity,
         "assignment": assignment,
         "counts": counts,
+        "knock_on_float": sorted(n for n, p in effective.items() if p != assignment[n]),
         "latency_ms": {"predicted": predicted, "measured": measured,
                        "error": None if not measured else (predicted - measured) / measured,
                        "rest": rest, "uniform_int8_measured": e_int8},
