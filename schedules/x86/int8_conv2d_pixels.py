@@ -42,7 +42,7 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 
 from ..cpu._common import row_vector_length
-from .int8_conv2d import conv_output_size
+from .int8_conv2d import conv_output_size, relayout_nchw4c, schedule_relayout
 from .int8_dense import (
     KBLOCK,
     LANES,
@@ -128,22 +128,10 @@ def int8_conv2d_pixels_compute(
         raise ValueError("kernel larger than the (padded) input")
     c4 = _ceil_to(c, KBLOCK) // KBLOCK
     owp = _ceil_to(ow, LANES * mb)
-    hp, wr = oh + kh - 1, owp + kw - 1  # what the tiles read (at least the padded input)
+    wr = owp + kw - 1  # the width the tiles read (at least the padded input's)
     op = _ceil_to(o, nb)
     x = te.placeholder((n, c, h, w), "uint8", name="x")
-
-    def relayout(b, cb, y, xx, ci):
-        ch = cb * KBLOCK + ci
-        v = x[b, tirx.min(ch, c - 1), y - top, xx - left] if c % KBLOCK else \
-            x[b, ch, y - top, xx - left]
-        if any((top, left, bottom)) or wr > left + w:
-            inside = tirx.all(top <= y, y < top + h, left <= xx, xx < left + w)
-            v = tirx.if_then_else(inside, v, tirx.const(pad_value, "uint8"))
-        if c % KBLOCK:  # padded channels meet zero weights, but must not be garbage
-            v = tirx.if_then_else(ch < c, v, tirx.const(0, "uint8"))
-        return v
-
-    x4 = te.compute((n, c4, hp, wr, KBLOCK), relayout, name="x4c")
+    x4 = relayout_nchw4c(x, pad, pad_value, width=wr)
     wt = te.placeholder((o, c4 * kh * kw, KBLOCK), "int8", name="W")
 
     def chan(j):
@@ -224,13 +212,7 @@ def schedule_int8_conv2d_pixels(func: tirx.PrimFunc, *, mb: int, nb: int) -> tvm
             if vec < extent:
                 ol = sch.split(ol, [None, vec])[1]
             sch.vectorize(ol)
-    x4 = sch.get_sblock("x4c")
-    loops = sch.get_loops(x4)
-    sch.parallel(sch.fuse(*loops[:3]))
-    # the 4 channels of a pixel unrolled, the row loop left to LLVM: it vectorizes the row
-    # as an interleaved group (4 row loads and byte shuffles) where a 4-lane vector per
-    # pixel was 4 byte inserts (rec's 240 -> 240 1x1 on 12x80: 345 -> 323 us)
-    sch.unroll(loops[-1])
+    schedule_relayout(sch)
     return sch.mod
 
 
