@@ -97,8 +97,8 @@ def run_model(name: str, n_calib: int, n_eval: int | None, target: str, out_dir:
     # seconds (ONNX Runtime fp32 on det read 12 and 26 ms in consecutive blocks of runs)
     lat: dict[str, float] = {}
     for _ in range(3):
-        for name, fn in engines.items():
-            lat[name] = min(lat.get(name, np.inf), _median_ms(fn, xs[0], repeat))
+        for engine, fn in engines.items():
+            lat[engine] = min(lat.get(engine, np.inf), _median_ms(fn, xs[0], repeat))
     summary = q.report["summary"]
     result = {"model": name, "input_shape": shape, "calibration_samples": len(calib),
               "eval_samples": len(xs), "fidelity": fid, "latency_ms": lat,
