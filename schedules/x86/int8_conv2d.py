@@ -124,6 +124,17 @@ def conv2d_reference(x: np.ndarray, w: np.ndarray, stride: int) -> np.ndarray:
     return out
 
 
+def check_pad(pad, pad_value: int) -> tuple[int, int, int, int]:
+    """``(top, left, bottom, right)`` as ints; a negative side or a non-uint8 fill is an
+    error."""
+    top, left, bottom, right = (int(p) for p in pad)
+    if min(top, left, bottom, right) < 0:
+        raise ValueError(f"negative padding {pad}")
+    if not 0 <= pad_value <= 255:
+        raise ValueError(f"pad_value {pad_value} is not a uint8")
+    return top, left, bottom, right
+
+
 def relayout_nchw4c(x: te.Tensor, pad=(0, 0, 0, 0), pad_value: int = 0,
                     width: int | None = None) -> te.Tensor:
     """The kernels' input re-layout (block ``x4c``): ``NCHW`` ``x`` -> ``NCHW4c``
@@ -203,14 +214,10 @@ def int8_conv2d_compute(
     """
     if out_layout not in ("NCHW", "NCHW16c"):
         raise ValueError(f"out_layout must be NCHW or NCHW16c, got {out_layout!r}")
-    top, left, bottom, right = (int(p) for p in pad)
-    if min(top, left, bottom, right) < 0:
-        raise ValueError(f"negative padding {pad}")
+    top, left, bottom, right = check_pad(pad, pad_value)
     padded = any((top, left, bottom, right))
     if padded and data_layout != "NCHW":
         raise ValueError("the kernel pads only NCHW inputs (pad the blocked layouts before)")
-    if not 0 <= pad_value <= 255:
-        raise ValueError(f"pad_value {pad_value} is not a uint8")
     hp, wp = h + top + bottom, w + left + right
     oh, ow = conv_output_size(hp, wp, kh, kw, stride)
     if oh < 1 or ow < 1:

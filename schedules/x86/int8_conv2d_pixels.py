@@ -42,7 +42,7 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 
 from ..cpu._common import row_vector_length
-from .int8_conv2d import conv_output_size, relayout_nchw4c, schedule_relayout
+from .int8_conv2d import check_pad, conv_output_size, relayout_nchw4c, schedule_relayout
 from .int8_dense import (
     KBLOCK,
     LANES,
@@ -118,11 +118,7 @@ def int8_conv2d_pixels_compute(
     pad_value: int = 0,
 ) -> tirx.PrimFunc:
     """The unscheduled PrimFunc: blocks ``x4c``, ``acc``, ``epi``, ``out``."""
-    top, left, bottom, right = (int(p) for p in pad)
-    if min(top, left, bottom, right) < 0:
-        raise ValueError(f"negative padding {pad}")
-    if not 0 <= pad_value <= 255:
-        raise ValueError(f"pad_value {pad_value} is not a uint8")
+    top, left, bottom, right = check_pad(pad, pad_value)
     oh, ow = conv_output_size(h + top + bottom, w + left + right, kh, kw, 1)
     if oh < 1 or ow < 1:
         raise ValueError("kernel larger than the (padded) input")
