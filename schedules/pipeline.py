@@ -105,7 +105,7 @@ def fusion_phases(target: tvm.target.Target, *, kernels: bool = True,
 
         isa = target_isa(target)
         # few-bit matmuls first: the int8 dispatch would take them as int8 otherwise
-        dispatch = [DispatchSubByte(gemv=isa == "avx512_vnni", avx2=isa is not None),
+        dispatch = [DispatchSubByte(gemv=isa in ("avx512_vnni", "amx"), avx2=isa is not None),
                     *([DispatchX86Int8(isa=isa)] if isa is not None else [])]
     fusion = [rx.AnnotateTIROpPattern(), rx.FoldConstant(), rx.FuseOps(), rx.FuseTIR()]
     fast = [SigmoidThroughExp, rx.FastMathTransform()] if fuse and fast_math else []

@@ -10,6 +10,10 @@
   with the exact AVX2 blocks, ``isa="avx2"``).
 - :mod:`.int8_conv2d_pixels`: stride-1 conv2d with 16 output *pixels* on the lanes (no
   channel padding, no transpose): the layers with few output channels on wide rows.
+- :mod:`.int8_conv2d_amx`: stride-1 conv2d on AMX-INT8 tiles (``tdpbsud``: 16 pixels x 64
+  channels x 16 output channels per instruction), for CPUs that have AMX;
+  :mod:`.amx_intrin` holds its intrinsic and :mod:`.amx_emulator` the NumPy model of the AMX
+  instructions that runs it on other CPUs.
 - :mod:`.int8_depthwise_conv2d`: depthwise conv2d (u8 NCHW, s8 ``[C, KH, KW/4, 4]``), 4
   kernel columns per ``vpdpbusd`` from byte-shuffled windows of the input row, same
   epilogue.
@@ -27,3 +31,8 @@ Every kernel is checked bit-exact against NumPy in ``tests/schedules/``.
 """
 
 from . import vnni_intrin  # noqa: F401  (registers the intrinsics)
+from .amx_intrin import request_amx_permission
+
+# the AMX kernels run in this process's threads: ask Linux for the tile state once, here
+# (a no-op on CPUs without AMX)
+request_amx_permission()

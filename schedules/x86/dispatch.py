@@ -27,6 +27,9 @@ whose stride equals its kernel (the upsampling heads of detectors) is a matmul f
 a depth-to-space, and runs as one.
 Kernels are cached by shape and epilogue within a module.
 
+On CPUs with AMX-INT8 (``isa="amx"``), the stride-1 regular convolutions that fill AMX's
+tiles well enough (:func:`.int8_conv2d_amx.prefer_amx`) run on :mod:`.int8_conv2d_amx`, and
+the rest on the AVX-512 VNNI kernels.
 The kernels use AVX-512 VNNI (``isa="avx512_vnni"``); on CPUs with AVX2 only
 (``isa="avx2"``) the regular convolutions and matmuls run on the same kernels tensorized
 with exact ``vpmaddwd`` blocks instead, and depthwise convolutions stay on TVM's default
@@ -42,6 +45,7 @@ from tvm import relax
 from ..._compat import Constant, const_value, dtype_of, static_shape
 from ...passes.analysis import emit_like, function_bindings
 from .int8_conv2d import conv_output_size, int8_conv2d, pack_conv_weight
+from .int8_conv2d_amx import amx_tiles, int8_conv2d_amx, pack_conv_weight_amx, prefer_amx
 from .int8_conv2d_pixels import int8_conv2d_pixels, pack_conv_weight_pixels, prefer_pixels
 from .int8_dense import Requant, int8_dense, kernel_for_relax, pack_weight
 from .int8_depthwise_conv2d import (
@@ -68,9 +72,10 @@ def target_has_vnni(target: tvm.target.Target) -> bool:
 
 
 def target_isa(target: tvm.target.Target) -> str | None:
-    """The int8 kernels' instruction set on ``target``: ``"avx512_vnni"``, ``"avx2"`` or None."""
+    """The int8 kernels' instruction set on ``target``: ``"amx"`` (AMX-INT8 and AVX-512
+    VNNI), ``"avx512_vnni"``, ``"avx2"`` or None."""
     if target_has_vnni(target):
-        return "avx512_vnni"
+        return "amx" if target_has_features(target, "amx-int8", "amx-tile") else "avx512_vnni"
     if target_has_features(target, "avx2"):
         return "avx2"
     return None
@@ -236,9 +241,11 @@ def _match_chains(func: relax.Function, *, lut: bool = False) -> dict[relax.Var,
 
 @relax.expr_functor.mutator
 class _Dispatcher(relax.PyExprMutator):
-    def __init__(self, mod, matches, isa: str):
+    def __init__(self, mod, matches, isa: str, amx_backend: str = "amx"):
         super().__init__(mod)
-        self.matches, self.isa = matches, isa
+        # an AMX CPU runs what AMX does not take on its AVX-512 VNNI kernels
+        self.amx = amx_backend if isa == "amx" else None
+        self.matches, self.isa = matches, "avx512_vnni" if isa == "amx" else isa
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.count = 0
 
@@ -270,6 +277,13 @@ class _Dispatcher(relax.PyExprMutator):
         n, c, h, w = static_shape(data)
         o, _, kh, kw = m.weight.shape
         _, ow = conv_output_size(h + pad[0] + pad[2], w + pad[1] + pad[3], kh, kw, sh)
+        if sh == 1 and self.amx is not None and prefer_amx(c, o, ow, kh, kw):
+            mb, nb = amx_tiles(ow, o)
+            key = ("conv-amx", n, c, h, w, o, kh, kw, m.requant, pad, pad_value, self.amx)
+            gv = self._kernel(key, lambda: int8_conv2d_amx(
+                n, c, h, w, o, kh, kw, bias=True, requant=m.requant, mb=mb, nb=nb, pad=pad,
+                pad_value=pad_value, backend=self.amx))
+            return gv, [data, pack_conv_weight_amx(m.weight, nb)]
         if sh == 1 and self.isa == "avx512_vnni" and not _has_table(m) and \
                 prefer_pixels(ow, o):
             key = ("conv-pixels", n, c, h, w, o, kh, kw, m.requant, pad, pad_value)
@@ -394,21 +408,26 @@ class _Dispatcher(relax.PyExprMutator):
 class DispatchX86Int8:
     """Replace matching integer conv2d/matmul + requantization chains by tvmquant's kernels.
 
-    ``isa``: ``"avx512_vnni"`` (the default) or ``"avx2"`` (build the result for a target
-    with that instruction set; :func:`target_isa` names a target's).
+    ``isa``: ``"avx512_vnni"`` (the default), ``"amx"`` or ``"avx2"`` (build the result for
+    a target with that instruction set; :func:`target_isa` names a target's).
+    ``amx_backend="emulate"`` builds the AMX kernels on :mod:`.amx_emulator` instead of the
+    AMX instructions (a check of an AMX build on any CPU; slow).
     """
 
-    def __init__(self, func_name: str = "main", isa: str = "avx512_vnni"):
-        if isa not in ("avx512_vnni", "avx2"):
-            raise ValueError(f"isa must be 'avx512_vnni' or 'avx2', got {isa!r}")
-        self.func_name, self.isa = func_name, isa
+    def __init__(self, func_name: str = "main", isa: str = "avx512_vnni",
+                 amx_backend: str = "amx"):
+        if isa not in ("avx512_vnni", "amx", "avx2"):
+            raise ValueError(f"isa must be 'avx512_vnni', 'amx' or 'avx2', got {isa!r}")
+        if amx_backend not in ("amx", "emulate"):
+            raise ValueError(f"amx_backend must be 'amx' or 'emulate', got {amx_backend!r}")
+        self.func_name, self.isa, self.amx_backend = func_name, isa, amx_backend
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         func = mod[self.func_name]
         matches = _match_chains(func, lut=True)
         if not matches:
             return mod
-        dispatcher = _Dispatcher(mod, matches, self.isa)
+        dispatcher = _Dispatcher(mod, matches, self.isa, self.amx_backend)
         new_func = dispatcher.visit_expr(func)
         new_mod = dispatcher.builder_.get()
         new_mod[self.func_name] = new_func

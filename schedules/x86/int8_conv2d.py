@@ -136,25 +136,29 @@ def check_pad(pad, pad_value: int) -> tuple[int, int, int, int]:
 
 
 def relayout_nchw4c(x: te.Tensor, pad=(0, 0, 0, 0), pad_value: int = 0,
-                    width: int | None = None) -> te.Tensor:
+                    width: int | None = None, channels: int | None = None) -> te.Tensor:
     """The kernels' input re-layout (block ``x4c``): ``NCHW`` ``x`` -> ``NCHW4c``
-    ``[N, ceil(C/4), top + H + bottom, width, 4]``, padded spatially with ``pad_value``
+    ``[N, channels/4, top + H + bottom, width, 4]``, padded spatially with ``pad_value``
     (``pad`` is ``(top, left, bottom, right)``; ``width`` at least the padded width, the
-    columns past it also ``pad_value``) and in channels with zeros."""
+    columns past it also ``pad_value``) and in channels with zeros (``channels`` a multiple
+    of 4, at least C; by default C rounded up to 4)."""
     n, c, h, w = (int(d) for d in x.shape)
     top, left, bottom, right = (int(p) for p in pad)
     width = width if width is not None else left + w + right
-    c4 = _ceil_to(c, KBLOCK) // KBLOCK
+    channels = channels if channels is not None else _ceil_to(c, KBLOCK)
+    if channels % KBLOCK or channels < c:
+        raise ValueError(f"{channels} channels: not a multiple of {KBLOCK} at least {c}")
+    c4 = channels // KBLOCK
     check = any((top, left, bottom)) or width > left + w
 
     def relayout(b, cb, y, xx, ci):
         ch = cb * KBLOCK + ci
-        v = x[b, tirx.min(ch, c - 1), y - top, xx - left] if c % KBLOCK else \
+        v = x[b, tirx.min(ch, c - 1), y - top, xx - left] if channels > c else \
             x[b, ch, y - top, xx - left]
         if check:
             inside = tirx.all(top <= y, y < top + h, left <= xx, xx < left + w)
             v = tirx.if_then_else(inside, v, tirx.const(pad_value, "uint8"))
-        if c % KBLOCK:  # padded channels meet zero weights, but must not be garbage
+        if channels > c:  # padded channels meet zero weights, but must not be garbage
             v = tirx.if_then_else(ch < c, v, tirx.const(0, "uint8"))
         return v
 

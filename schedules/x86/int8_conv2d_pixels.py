@@ -188,9 +188,17 @@ def schedule_int8_conv2d_pixels(func: tirx.PrimFunc, *, mb: int, nb: int) -> tvm
     sch.unroll(xm)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(tile_wb)[-1])
-    # the requantization on whole vectors of the padded row; a lookup table after it runs
-    # scalar (a 16-lane gather from a 64 KiB table is slower than 16 loads), else the row is
-    # stored vectorized
+    vectorize_row_epilogue(sch)
+    schedule_relayout(sch)
+    return sch.mod
+
+
+def vectorize_row_epilogue(sch: Schedule) -> None:
+    """Blocks ``epi`` and ``out`` of a kernel that finishes one output row at a time: the
+    requantization on whole vectors of the padded row; a lookup table after it runs scalar
+    (a 16-lane gather from a 64 KiB table is slower than 16 loads), else the row is stored
+    vectorized."""
+    epi, out = sch.get_sblock("epi"), sch.get_sblock("out")
     sch.vectorize(sch.split(sch.get_loops(epi)[-1], [None, LANES])[1])
     if len(sch.get(out).reads) > 1:
         # the table lookups of 16 pixels unrolled: left as a loop, LLVM vectorizes it into a
@@ -208,8 +216,6 @@ def schedule_int8_conv2d_pixels(func: tirx.PrimFunc, *, mb: int, nb: int) -> tvm
             if vec < extent:
                 ol = sch.split(ol, [None, vec])[1]
             sch.vectorize(ol)
-    schedule_relayout(sch)
-    return sch.mod
 
 
 def int8_conv2d_pixels(

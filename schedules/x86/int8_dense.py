@@ -366,8 +366,9 @@ def int8_dense(
 
 
 def default_target(isa: str = "avx512_vnni", num_cores: int = 2) -> tvm.target.Target:
-    """LLVM target for the kernels: ``cascadelake`` (AVX-512 VNNI) or ``haswell`` (AVX2)."""
-    mcpu = {"avx512_vnni": "cascadelake", "avx2": "haswell"}[isa]
+    """LLVM target for the kernels: ``cascadelake`` (AVX-512 VNNI), ``haswell`` (AVX2) or
+    ``sapphirerapids`` (``"amx"``: AVX-512 VNNI and AMX-INT8)."""
+    mcpu = {"avx512_vnni": "cascadelake", "avx2": "haswell", "amx": "sapphirerapids"}[isa]
     return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": num_cores})
 
 

@@ -1,0 +1,245 @@
+"""AMX-INT8 tensor intrinsics (Sapphire Rapids and later), with an emulated twin for other CPUs.
+
+An AMX core holds 8 *tiles* of up to 16 rows x 64 bytes. ``tdpbsud c, a, b`` multiplies a
+16 x 64 int8 tile ``a`` with a 16 x 64 uint8 tile ``b`` seen as ``[16 (k), 16 (n), 4]``:
+``c[m, n] += sum_{k, i} s8(a[m, 4k + i]) * u8(b[k, 4n + i])``, 16 x 16 x 64 = 16384
+multiply-adds in one instruction (256 ``vpdpbusd`` lanes' worth).
+
+``tvmquant_amx_conv_row_*`` (:func:`conv_row_intrin`)
+    One output row of a stride-1 convolution (a 1x1 kernel, or one at least 2 x 2) for
+    ``16 * nb`` output channels:
+    ``C[o, p] += sum_{rc, rh, rw, i} int32(X[rc, rh, p + rw, i]) * int32(W[o, rh, rw, rc, i])``
+    with ``X`` the ``NCHW4c`` input (4 channels per pixel, so 16 pixels x 4 channels of a row
+    are 64 contiguous bytes: one row of a ``b`` tile, the next row 4 channels further), ``W``
+    the weights packed ``[O, KH, KW, C/4, 4]`` (16 channel groups x 4 of one output channel
+    are one row of an ``a`` tile) and ``C`` int32. The weights are the *signed* operand, so
+    the instruction is ``tdpbsud`` (``a`` signed, ``b`` unsigned), and the accumulator tile
+    comes out as ``[16 channels, 16 pixels]``: a row of ``NCHW``. Register tile: ``nb``
+    channel blocks x ``mb`` pixel blocks (``nb * mb <= 4`` accumulators in tiles 0-3, the
+    weights in tiles 4-5, the input in tiles 6-7). The intrinsic configures the tiles
+    (``ldtilecfg``) once per call, that is once per output row, and keeps the accumulators
+    in tiles over the whole reduction.
+
+Each intrinsic exists in two back ends built from the same code (:class:`AmxOps`):
+``"amx"`` emits LLVM's AMX intrinsics; ``"emulate"`` turns every AMX instruction into a call
+into :mod:`.amx_emulator` with the same operands, so the kernel's instruction stream (tile
+configuration, addresses, strides, tile numbers) runs and is checked on any CPU.
+
+On Linux a process must ask for the AMX register state before its first tile instruction:
+:func:`request_amx_permission` (tvmquant calls it on import where the CPU has AMX; a program
+that loads an exported library on its own calls it, or the kernel gets ``SIGILL``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+
+import numpy as np
+from tvm import tirx
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+from . import amx_emulator
+
+#: Tile numbers: accumulators 0-3, the signed operand (weights) 4-5, the unsigned one 6-7.
+ACC_TILES, A_TILES, B_TILES = (0, 1, 2, 3), (4, 5), (6, 7)
+#: Rows and bytes per row of every tile here (the palette's maximum).
+TILE_ROWS, TILE_BYTES = 16, 64
+#: Input channel groups (of 4) in one ``b`` tile: its 16 rows.
+GROUPS = TILE_ROWS
+BACKENDS = ("amx", "emulate")
+
+
+def tile_config(shapes=((TILE_ROWS, TILE_BYTES),) * 8) -> bytes:
+    """The 64-byte ``ldtilecfg`` operand for palette 1: tile ``t`` has ``shapes[t] = (rows,
+    bytes per row)``."""
+    if len(shapes) > 8:
+        raise ValueError("palette 1 has 8 tiles")
+    cfg = np.zeros(64, np.uint8)
+    cfg[0] = 1  # palette 1; byte 1, the start row, stays 0
+    colsb = np.zeros(8, "<u2")
+    for t, (rows, nbytes) in enumerate(shapes):
+        if not (0 < rows <= TILE_ROWS and 0 < nbytes <= TILE_BYTES):
+            raise ValueError(f"tile {t}: {rows} x {nbytes} bytes")
+        colsb[t] = nbytes
+        cfg[48 + t] = rows
+    cfg[16:32] = colsb.view(np.uint8)
+    return cfg.tobytes()
+
+
+class AmxOps:
+    """The AMX instructions as TIR expressions, in one back end (``"amx"`` or ``"emulate"``)."""
+
+    def __init__(self, backend: str):
+        if backend not in BACKENDS:
+            raise ValueError(f"AMX back end must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+    def _call(self, name: str, *args):
+        if self.backend == "amx":
+            return tirx.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
+        # the emulator's functions take the tile numbers as plain integers
+        args = [tirx.Cast("int32", a) if getattr(a, "dtype", None) == "int8" else a
+                for a in args]
+        return tirx.call_packed(amx_emulator.PREFIX + name, *args)
+
+    @staticmethod
+    def _tile(t):
+        return tirx.Cast("int8", t)
+
+    def ldtilecfg(self, ptr):
+        return self._call("ldtilecfg", ptr)
+
+    def tilerelease(self):
+        return self._call("tilerelease")
+
+    def tileloadd(self, t, ptr, stride_bytes):
+        return self._call("tileloadd64", self._tile(t), ptr, tirx.Cast("int64", stride_bytes))
+
+    def tilestored(self, t, ptr, stride_bytes):
+        return self._call("tilestored64", self._tile(t), ptr, tirx.Cast("int64", stride_bytes))
+
+    def tdpbsud(self, c, a, b):
+        return self._call("tdpbsud", self._tile(c), self._tile(a), self._tile(b))
+
+
+def _config_words() -> list[int]:
+    """The tile configuration as 8 little-endian int64 words (how the kernels store it)."""
+    return [int(v) for v in np.frombuffer(tile_config(), "<i8")]
+
+
+def conv_row_intrin(c4: int, kh: int, kw: int, width: int, nb: int, mb: int,
+                    backend: str = "amx") -> str:
+    """Register (once) and name the intrinsic computing one output row (``width`` pixels, a
+    multiple of ``16 * mb``) of ``16 * nb`` output channels of a stride-1 ``kh x kw``
+    convolution over ``4 * c4`` input channels (``c4`` a multiple of 16); see the module
+    docstring."""
+    if c4 % GROUPS or width % (TILE_ROWS * mb) or not (1 <= nb <= 2 and 1 <= mb <= 2) or \
+            (kh == 1) != (kw == 1):
+        raise ValueError(f"conv row intrinsic: c4={c4} (multiple of 16), width={width} "
+                         f"(multiple of {16 * mb}), nb={nb}, mb={mb} (1 or 2), kernel "
+                         f"{kh}x{kw} (1x1, or both sides above 1)")
+    name = f"tvmquant_amx_conv_row_c{c4}_k{kh}x{kw}_w{width}_n{nb}m{mb}_{backend}"
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    ops = AmxOps(backend)
+    oc, span, blocks = TILE_ROWS * nb, width + kw - 1, c4 // GROUPS
+    steps = width // (TILE_ROWS * mb)
+    words = _config_words()
+    sxc, sxh, swo, sco = (tirx.Var(v, "int32") for v in ("sxc", "sxh", "swo", "sco"))
+    bytes_c = 4  # int32 accumulators
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        X: T.Buffer((c4, kh, span, 4), "uint8", strides=[sxc, sxh, 4, 1], offset_factor=1),
+        W: T.Buffer((oc, kh, kw, c4, 4), "int8", strides=[swo, kw * c4 * 4, c4 * 4, 4, 1],
+                    offset_factor=1),
+        C: T.Buffer((oc, width), "int32", strides=[sco, 1], offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:oc, 0:width], X[0:c4, 0:kh, 0:span, 0:4], W[0:oc, 0:kh, 0:kw, 0:c4, 0:4])
+            T.writes(C[0:oc, 0:width])
+            if kh == 1:  # a 1x1 kernel: the block has no kernel-position axes
+                for o, p, rc, ri in T.grid(oc, width, c4, 4):
+                    with T.sblock("update"):
+                        vo, vp, vc, vi = T.axis.remap("SSRR", [o, p, rc, ri])
+                        C[vo, vp] = C[vo, vp] + T.cast(X[vc, 0, vp, vi], "int32") * \
+                            T.cast(W[vo, 0, 0, vc, vi], "int32")
+            else:
+                for o, p, rc, rh, rw, ri in T.grid(oc, width, c4, kh, kw, 4):
+                    with T.sblock("update"):
+                        vo, vp, vc, vh, vw, vi = T.axis.remap("SSRRRR", [o, p, rc, rh, rw, ri])
+                        C[vo, vp] = C[vo, vp] + T.cast(X[vc, vh, vp + vw, vi], "int32") * \
+                            T.cast(W[vo, vh, vw, vc, vi], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        X: T.Buffer((c4, kh, span, 4), "uint8", strides=[sxc, sxh, 4, 1], offset_factor=1),
+        W: T.Buffer((oc, kh, kw, c4, 4), "int8", strides=[swo, kw * c4 * 4, c4 * 4, 4, 1],
+                    offset_factor=1),
+        C: T.Buffer((oc, width), "int32", strides=[sco, 1], offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:oc, 0:width], X[0:c4, 0:kh, 0:span, 0:4], W[0:oc, 0:kh, 0:kw, 0:c4, 0:4])
+            T.writes(C[0:oc, 0:width])
+            cfg = T.alloc_buffer((8,), "int64", scope="local")
+            cfg[0] = T.int64(words[0])
+            cfg[1] = T.int64(words[1])
+            cfg[2] = T.int64(words[2])
+            cfg[3] = T.int64(words[3])
+            cfg[4] = T.int64(words[4])
+            cfg[5] = T.int64(words[5])
+            cfg[6] = T.int64(words[6])
+            cfg[7] = T.int64(words[7])
+            T.evaluate(ops.ldtilecfg(cfg.access_ptr("r")))
+            for xo in range(steps):
+                for i in T.unroll(nb):
+                    for j in T.unroll(mb):
+                      T.evaluate(ops.tileloadd(
+                        i * mb + j,
+                        C.access_ptr("r", offset=i * TILE_ROWS * sco + (xo * mb + j) * TILE_ROWS),
+                        sco * bytes_c))
+                for rh, rw, cb in T.grid(kh, kw, blocks):
+                    for i in T.unroll(nb):
+                        T.evaluate(ops.tileloadd(
+                            A_TILES[0] + i,
+                            W.access_ptr("r", offset=i * TILE_ROWS * swo + rh * (kw * c4 * 4)
+                                         + rw * (c4 * 4) + cb * GROUPS * 4),
+                            swo))
+                    for j in T.unroll(mb):
+                        T.evaluate(ops.tileloadd(
+                            B_TILES[0] + j,
+                            X.access_ptr("r", offset=cb * GROUPS * sxc + rh * sxh
+                                         + ((xo * mb + j) * TILE_ROWS + rw) * 4),
+                            sxc))
+                    for i in T.unroll(nb):
+                        for j in T.unroll(mb):
+                          T.evaluate(ops.tdpbsud(i * mb + j, A_TILES[0] + i, B_TILES[0] + j))
+                for i in T.unroll(nb):
+                    for j in T.unroll(mb):
+                      T.evaluate(ops.tilestored(
+                        i * mb + j,
+                        C.access_ptr("w", offset=i * TILE_ROWS * sco + (xo * mb + j) * TILE_ROWS),
+                        sco * bytes_c))
+            T.evaluate(ops.tilerelease())
+
+    TensorIntrin.register(name, desc, impl)
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# The operating system's side
+# ---------------------------------------------------------------------------------------------
+_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = \
+    158, 0x1022, 0x1023, 18
+
+
+def cpu_has_amx() -> bool:
+    """Whether this machine's CPU reports AMX-INT8 (``/proc/cpuinfo``'s ``amx_int8``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+@functools.cache
+def request_amx_permission() -> bool:
+    """Ask Linux for the AMX tile state for this process (once; every thread, present and
+    future, gets it). True when granted; False on other systems or CPUs."""
+    if not sys.platform.startswith("linux") or not cpu_has_amx():
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+            return False
+        mask = ctypes.c_uint64(0)
+        libc.syscall(_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, ctypes.byref(mask))
+        return bool(mask.value & (1 << _XFEATURE_XTILEDATA))
+    except (OSError, AttributeError):
+        return False
