@@ -12,8 +12,9 @@
   channel padding, no transpose): the layers with few output channels on wide rows.
 - :mod:`.int8_conv2d_amx`: stride-1 conv2d on AMX-INT8 tiles (``tdpbsud``: 16 pixels x 64
   channels x 16 output channels per instruction), for CPUs that have AMX;
-  :mod:`.amx_intrin` holds its intrinsic and :mod:`.amx_emulator` the NumPy model of the AMX
-  instructions that runs it on other CPUs.
+  :mod:`.int8_dense_amx` the matmul on them (``tdpbusd``); :mod:`.amx_intrin` holds their
+  intrinsics and :mod:`.amx_emulator` the NumPy model of the AMX instructions that runs them
+  on other CPUs.
 - :mod:`.int8_depthwise_conv2d`: depthwise conv2d (u8 NCHW, s8 ``[C, KH, KW/4, 4]``), 4
   kernel columns per ``vpdpbusd`` from byte-shuffled windows of the input row, same
   epilogue.

@@ -3,7 +3,7 @@
 :mod:`.amx_intrin` builds each kernel in one of two back ends from the same loop nest:
 
 - ``"amx"``: LLVM's AMX intrinsics (``ldtilecfg``, ``tileloadd``, ``tdpbsud``,
-  ``tilestored``, ``tilerelease``), for CPUs with AMX-INT8 (Sapphire Rapids and later);
+  ``tdpbusd``, ``tilestored``, ``tilerelease``), for CPUs with AMX-INT8 (Sapphire Rapids and later);
 - ``"emulate"``: each of those instructions becomes a packed-function call, with the very
   same arguments (tile number, pointer, stride in bytes), into the model below.
 
@@ -22,7 +22,7 @@ The model follows the instruction descriptions of the Intel SDM (Vol. 2, "TDPBSU
 - ``tdpbsud c, a, b``: ``c.row[m].dword[n] += sum_k sum_{i<4} s8(a.row[m].byte[4k+i]) *
   u8(b.row[k].byte[4n+i])`` for ``k < colsb(a) / 4``, with the shape checks of the SDM
   (``rows(c) == rows(a)``, ``colsb(c) == colsb(b)``, ``colsb(a) == 4 * rows(b)``), int32
-  wrap-around;
+  wrap-around; ``tdpbusd`` the same with ``a`` unsigned and ``b`` signed;
 - ``tilestored t, [p + r * stride]``; ``tilerelease`` returns to the init state.
 
 The state is per thread, as the CPU's is (TVM's worker threads each configure their tiles).
@@ -134,20 +134,35 @@ def tilestored64(t: int, ptr, stride: int) -> int:
     return 0
 
 
-def tdpbsud(c: int, a: int, b: int) -> int:
-    _count("tdpbsud")
+def _dot(name: str, c: int, a: int, b: int, a_signed: bool, b_signed: bool) -> None:
+    _count(name)
     (rc, cc), (ra, ca), (rb, cb) = _tile(c), _tile(a), _tile(b)
     if len({c, a, b}) != 3:
-        raise AmxFault(f"tdpbsud with repeated tiles {c}, {a}, {b}")
+        raise AmxFault(f"{name} with repeated tiles {c}, {a}, {b}")
     if rc != ra or cc != cb or ca != 4 * rb or cc % 4 or ca % 4:
-        raise AmxFault(f"tdpbsud shapes: c {rc}x{cc}, a {ra}x{ca}, b {rb}x{cb}")
-    sa = _state.data[a, :ra, :ca].view(np.int8).astype(np.int64).reshape(ra, ca // 4, 4)
-    ub = _state.data[b, :rb, :cb].astype(np.int64).reshape(rb, cb // 4, 4)
-    dot = np.einsum("mki,kni->mn", sa, ub)
+        raise AmxFault(f"{name} shapes: c {rc}x{cc}, a {ra}x{ca}, b {rb}x{cb}")
+
+    def operand(t, rows, nbytes, signed):
+        v = _state.data[t, :rows, :nbytes]
+        return (v.view(np.int8) if signed else v).astype(np.int64)
+
+    sa = operand(a, ra, ca, a_signed).reshape(ra, ca // 4, 4)
+    sb = operand(b, rb, cb, b_signed).reshape(rb, cb // 4, 4)
+    dot = np.einsum("mki,kni->mn", sa, sb)
     acc = _state.data[c, :rc, :cc].copy().view("<i4").astype(np.int64) + dot
     _state.data[c, :rc, :cc] = acc.astype(np.int32).view(np.uint8).reshape(rc, cc)
+
+
+def tdpbsud(c: int, a: int, b: int) -> int:
+    """``c += s8(a) . u8(b)``."""
+    _dot("tdpbsud", c, a, b, True, False)
     return 0
 
 
-for _fn in (ldtilecfg, tilerelease, tileloadd64, tilestored64, tdpbsud):
+def tdpbusd(c: int, a: int, b: int) -> int:
+    """``c += u8(a) . s8(b)``."""
+    _dot("tdpbusd", c, a, b, False, True)
+    return 0
+
+for _fn in (ldtilecfg, tilerelease, tileloadd64, tilestored64, tdpbsud, tdpbusd):
     tvm.register_global_func(PREFIX + _fn.__name__, _fn, override=True)

@@ -20,6 +20,12 @@ multiply-adds in one instruction (256 ``vpdpbusd`` lanes' worth).
     (``ldtilecfg``) once per call, that is once per output row, and keeps the accumulators
     in tiles over the whole reduction.
 
+``tvmquant_amx_dense_*`` (:func:`dense_intrin`)
+    A ``16 mb x 16 nb`` block of a matmul, the whole reduction in tiles: 16 rows of the
+    uint8 activations x 64 bytes are an unsigned tile, 16 of the packed weights' 64-byte
+    blocks (:func:`.int8_dense.pack_weight`) a signed one, so the instruction is
+    ``tdpbusd`` and the accumulator ``[16 rows, 16 columns]`` (:mod:`.int8_dense_amx`).
+
 Each intrinsic exists in two back ends built from the same code (:class:`AmxOps`):
 ``"amx"`` emits LLVM's AMX intrinsics; ``"emulate"`` turns every AMX instruction into a call
 into :mod:`.amx_emulator` with the same operands, so the kernel's instruction stream (tile
@@ -102,7 +108,12 @@ class AmxOps:
         return self._call("tilestored64", self._tile(t), ptr, tirx.Cast("int64", stride_bytes))
 
     def tdpbsud(self, c, a, b):
+        """``c += s8(a) . u8(b)``."""
         return self._call("tdpbsud", self._tile(c), self._tile(a), self._tile(b))
+
+    def tdpbusd(self, c, a, b):
+        """``c += u8(a) . s8(b)``."""
+        return self._call("tdpbusd", self._tile(c), self._tile(a), self._tile(b))
 
 
 def _config_words() -> list[int]:
@@ -203,6 +214,94 @@ def conv_row_intrin(c4: int, kh: int, kw: int, width: int, nb: int, mb: int,
                         i * mb + j,
                         C.access_ptr("w", offset=i * TILE_ROWS * sco + (xo * mb + j) * TILE_ROWS),
                         sco * bytes_c))
+            T.evaluate(ops.tilerelease())
+
+    TensorIntrin.register(name, desc, impl)
+    return name
+
+
+def dense_intrin(k4: int, nb: int, mb: int, backend: str = "amx") -> str:
+    """Register (once) and name the intrinsic computing a ``16 mb x 16 nb`` block of a
+    matmul over ``4 * k4`` reduction elements (``k4`` a multiple of 16):
+    ``C[i, jb, jl] += sum_{k, q} int32(A[i, 4k + q]) * int32(W[jb, k, jl, q])`` with ``A`` the
+    uint8 activations (row-major: 16 rows x 64 bytes are an unsigned tile), ``W`` the int8
+    weights packed ``[N/16, K/4, 16, 4]`` (:func:`.int8_dense.pack_weight`: 16 of its
+    64-byte blocks are a signed tile) and ``C`` int32 ``[rows, N/16, 16]``: ``tdpbusd``.
+    Accumulators in tiles 0-3 (``mb * nb <= 4``), ``A`` in 4-5, ``W`` in 6-7."""
+    if k4 % GROUPS or not (1 <= nb <= 2 and 1 <= mb <= 2):
+        raise ValueError(f"dense intrinsic: k4={k4} (multiple of 16), nb={nb}, mb={mb} "
+                         "(1 or 2)")
+    name = f"tvmquant_amx_dense_k{k4}_n{nb}m{mb}_{backend}"
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    ops = AmxOps(backend)
+    rows, kp, blocks = TILE_ROWS * mb, 4 * k4, k4 // GROUPS
+    words = _config_words()
+    sa, sw, sc = (tirx.Var(v, "int32") for v in ("sa", "sw", "sc"))
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((rows, kp), "uint8", strides=[sa, 1], offset_factor=1),
+        W: T.Buffer((nb, k4, 16, 4), "int8", strides=[sw, 64, 4, 1], offset_factor=1),
+        C: T.Buffer((rows, nb, 16), "int32", strides=[sc, 16, 1], offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:nb, 0:16], A[0:rows, 0:kp], W[0:nb, 0:k4, 0:16, 0:4])
+            T.writes(C[0:rows, 0:nb, 0:16])
+            if nb == 1:  # one column block: the block has no block axis (a unit loop)
+                for i, jl, k, q in T.grid(rows, 16, k4, 4):
+                    with T.sblock("update"):
+                        vi, vl, vk, vq = T.axis.remap("SSRR", [i, jl, k, q])
+                        C[vi, 0, vl] = C[vi, 0, vl] + T.cast(A[vi, vk * 4 + vq], "int32") * \
+                            T.cast(W[0, vk, vl, vq], "int32")
+            else:
+                for i, jb, jl, k, q in T.grid(rows, nb, 16, k4, 4):
+                    with T.sblock("update"):
+                        vi, vb, vl, vk, vq = T.axis.remap("SSSRR", [i, jb, jl, k, q])
+                        C[vi, vb, vl] = C[vi, vb, vl] + T.cast(A[vi, vk * 4 + vq], "int32") * \
+                            T.cast(W[vb, vk, vl, vq], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((rows, kp), "uint8", strides=[sa, 1], offset_factor=1),
+        W: T.Buffer((nb, k4, 16, 4), "int8", strides=[sw, 64, 4, 1], offset_factor=1),
+        C: T.Buffer((rows, nb, 16), "int32", strides=[sc, 16, 1], offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:nb, 0:16], A[0:rows, 0:kp], W[0:nb, 0:k4, 0:16, 0:4])
+            T.writes(C[0:rows, 0:nb, 0:16])
+            cfg = T.alloc_buffer((8,), "int64", scope="local")
+            cfg[0] = T.int64(words[0])
+            cfg[1] = T.int64(words[1])
+            cfg[2] = T.int64(words[2])
+            cfg[3] = T.int64(words[3])
+            cfg[4] = T.int64(words[4])
+            cfg[5] = T.int64(words[5])
+            cfg[6] = T.int64(words[6])
+            cfg[7] = T.int64(words[7])
+            T.evaluate(ops.ldtilecfg(cfg.access_ptr("r")))
+            for i in T.unroll(mb):
+                for j in T.unroll(nb):
+                    T.evaluate(ops.tileloadd(
+                        i * nb + j, C.access_ptr("r", offset=i * TILE_ROWS * sc + j * 16),
+                        sc * 4))
+            for kb in range(blocks):
+                for i in T.unroll(mb):
+                    T.evaluate(ops.tileloadd(
+                        A_TILES[0] + i,
+                        A.access_ptr("r", offset=i * TILE_ROWS * sa + kb * TILE_BYTES), sa))
+                for j in T.unroll(nb):
+                    T.evaluate(ops.tileloadd(
+                        B_TILES[0] + j,
+                        W.access_ptr("r", offset=j * sw + kb * GROUPS * 64), 64))
+                for i in T.unroll(mb):
+                    for j in T.unroll(nb):
+                        T.evaluate(ops.tdpbusd(i * nb + j, A_TILES[0] + i, B_TILES[0] + j))
+            for i in T.unroll(mb):
+                for j in T.unroll(nb):
+                    T.evaluate(ops.tilestored(
+                        i * nb + j, C.access_ptr("w", offset=i * TILE_ROWS * sc + j * 16),
+                        sc * 4))
             T.evaluate(ops.tilerelease())
 
     TensorIntrin.register(name, desc, impl)

@@ -27,9 +27,10 @@ whose stride equals its kernel (the upsampling heads of detectors) is a matmul f
 a depth-to-space, and runs as one.
 Kernels are cached by shape and epilogue within a module.
 
-On CPUs with AMX-INT8 (``isa="amx"``), the stride-1 regular convolutions that fill AMX's
-tiles well enough (:func:`.int8_conv2d_amx.prefer_amx`) run on :mod:`.int8_conv2d_amx`, and
-the rest on the AVX-512 VNNI kernels.
+On CPUs with AMX-INT8 (``isa="amx"``), the stride-1 regular convolutions and the matmuls
+that fill AMX's tiles well enough (:func:`.int8_conv2d_amx.prefer_amx`,
+:func:`.int8_dense_amx.prefer_amx_dense`) run on :mod:`.int8_conv2d_amx` and
+:mod:`.int8_dense_amx`, and the rest on the AVX-512 VNNI kernels.
 The kernels use AVX-512 VNNI (``isa="avx512_vnni"``); on CPUs with AVX2 only
 (``isa="avx2"``) the regular convolutions and matmuls run on the same kernels tensorized
 with exact ``vpmaddwd`` blocks instead, and depthwise convolutions stay on TVM's default
@@ -48,6 +49,7 @@ from .int8_conv2d import conv_output_size, int8_conv2d, pack_conv_weight
 from .int8_conv2d_amx import amx_tiles, int8_conv2d_amx, pack_conv_weight_amx, prefer_amx
 from .int8_conv2d_pixels import int8_conv2d_pixels, pack_conv_weight_pixels, prefer_pixels
 from .int8_dense import Requant, int8_dense, kernel_for_relax, pack_weight
+from .int8_dense_amx import amx_dense_tiles, int8_dense_amx, pack_weight_amx, prefer_amx_dense
 from .int8_depthwise_conv2d import (
     depthwise_input_size,
     depthwise_output_size,
@@ -348,15 +350,12 @@ class _Dispatcher(relax.PyExprMutator):
         rows = bb.emit(relax.op.reshape(relax.op.permute_dims(data, [0, 2, 3, 1]),
                                         (n * h * w, c)))
         cols = o * kh * kw
-        key = ("dense", n * h * w, cols, c, m.requant)
-        gv = self._kernel(key, lambda: int8_dense(n * h * w, cols, c, bias=True,
-                                                  requant=m.requant, isa=self.isa))
-        rep = kh * kw
         # columns in (kh, kw, o) order: each output pixel's o channels are then contiguous in
         # the matmul's output, and the depth-to-space below moves whole rows of o values
         w_cols = m.weight.transpose(0, 2, 3, 1).reshape(c_in, cols)
-        args = [rows, relax.const(pack_weight(w_cols, "KN"), "int8"),
-                relax.const(np.tile(m.bias, rep), "int32")]
+        gv, packed = self._matmul(n * h * w, cols, c, m.requant, w_cols)
+        rep = kh * kw
+        args = [rows, relax.const(packed, "int8"), relax.const(np.tile(m.bias, rep), "int32")]
         if m.requant is not None:
             args += [relax.const(np.tile(m.m0, rep), "int32"),
                      relax.const(np.tile(m.shift, rep), "int32")]
@@ -374,10 +373,22 @@ class _Dispatcher(relax.PyExprMutator):
         if shape is None or len(shape) != 2 or m.weight.ndim != 2:
             return None
         (mm, k), n = shape, m.weight.shape[1]
-        key = ("dense", mm, n, k, m.requant)
-        gv = self._kernel(key, lambda: int8_dense(mm, n, k, bias=True, requant=m.requant,
+        gv, packed = self._matmul(mm, n, k, m.requant, m.weight)
+        return gv, [data, packed]
+
+    def _matmul(self, mm: int, n: int, k: int, requant: Requant | None, weight_kn):
+        """The kernel (and packed weight) of an ``mm x n x k`` matmul with a ``[K, N]``
+        weight: on AMX where it fills the tiles well enough, else the VNNI (AVX2) one."""
+        if self.amx is not None and prefer_amx_dense(mm, n, k):
+            _, nb = amx_dense_tiles(mm, n)
+            key = ("dense-amx", mm, n, k, requant, self.amx)
+            gv = self._kernel(key, lambda: int8_dense_amx(mm, n, k, bias=True,
+                                                          requant=requant, backend=self.amx))
+            return gv, pack_weight_amx(weight_kn, "KN", nb)
+        key = ("dense", mm, n, k, requant)
+        gv = self._kernel(key, lambda: int8_dense(mm, n, k, bias=True, requant=requant,
                                                   isa=self.isa))
-        return gv, [data, pack_weight(m.weight, "KN")]
+        return gv, pack_weight(weight_kn, "KN")
 
     def visit_var_binding_(self, binding):
         m = self.matches.get(binding.var)

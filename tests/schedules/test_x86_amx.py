@@ -22,6 +22,7 @@ from tvmquant.schedules.x86 import amx_emulator as emu
 from tvmquant.schedules.x86 import int8_conv2d as conv
 from tvmquant.schedules.x86 import int8_conv2d_amx as amx
 from tvmquant.schedules.x86 import int8_dense as dense
+from tvmquant.schedules.x86 import int8_dense_amx as damx
 from tvmquant.schedules.x86.amx_intrin import (
     cpu_has_amx,
     request_amx_permission,
@@ -243,8 +244,9 @@ def test_conv_epilogue_exact_emulated(rq):
 
 
 def _amx_instructions(ex) -> Counter:
-    return Counter(re.findall(r"^\s+(tdpbsud|tileloadd|tilestored|ldtilecfg|tilerelease)\b",
-                              ex.mod.inspect_source("asm"), re.M))
+    return Counter(re.findall(
+        r"^\s+(tdpbsud|tdpbusd|tileloadd|tilestored|ldtilecfg|tilerelease)\b",
+        ex.mod.inspect_source("asm"), re.M))
 
 
 def test_asm_is_amx():
@@ -276,6 +278,82 @@ def test_conv_epilogue_exact_on_amx(rq):
     _need_amx()
     case, args, ref = _epilogue_case(rq, np.random.default_rng())
     ex = _build(case, backend="amx", bias=True, requant=rq)
+    np.testing.assert_array_equal(_run(ex, args, ref.shape, ref.dtype), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# the matmul kernel
+# ---------------------------------------------------------------------------------------------
+def test_dense_pack_and_tiles():
+    w = np.arange(50 * 70).reshape(50, 70).astype(np.int8)
+    p = damx.pack_weight_amx(w, "NK", nb=2)
+    assert p.shape == (4, 32, 16, 4)  # 50 -> 4 blocks of 16, 70 -> 128 deep
+    for n, k in [(0, 0), (49, 69), (17, 33)]:
+        assert p[n // 16, k // 4, n % 16, k % 4] == w[n, k]
+    assert not p[3, :, 2:].any() and not p[:, 18:].any() and not p[:, 17, :, 2:].any()
+    assert damx.pack_weight_amx(w[:20], "NK", nb=2).shape == (2, 32, 16, 4)
+    np.testing.assert_array_equal(damx.pack_weight_amx(w.T, "KN", nb=2), p)
+    assert damx.amx_dense_tiles(40, 96) == (1, 2) and damx.amx_dense_tiles(64, 16) == (2, 1)
+    assert damx.prefer_amx_dense(40, 96, 120)
+    assert not damx.prefer_amx_dense(1, 16, 64)  # one row of a tile's 16
+
+
+DENSE_CASES = [
+    # m, n, k, requant
+    (37, 50, 70, None),  # every side ragged
+    (1, 16, 64, None),  # one row, one block
+    (40, 96, 120, dense.Requant(3, 0, 255, "uint8")),
+    (64, 64, 128, dense.Requant(-40, -300, 500, "int16", lut_size=301, lut_offset=-50,
+                                lut_dtype="int8")),  # 2 x 2 tiles, a lookup table
+]
+
+
+def _dense_case(case, rng):
+    m, n, k, rq = case
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    a[0], w[0] = 255, -128
+    acc = (a.astype(np.int64) @ w.T.astype(np.int64)).astype(np.int32)
+    _, nb = damx.amx_dense_tiles(m, n)
+    args = [a, damx.pack_weight_amx(w, "NK", nb)]
+    if rq is None:
+        return args, acc
+    bias = rng.integers(-(2**20), 2**20, n).astype(np.int32)
+    d = dyadic(rng.uniform(1e-5, 3e-3, n))
+    m0, sh = d.m0.astype(np.int32), d.shift.astype(np.int32) - 4
+    table = None
+    if rq.lut_size:
+        info = np.iinfo(rq.lut_dtype)
+        table = rng.integers(info.min, int(info.max) + 1, rq.lut_size).astype(rq.lut_dtype)
+    args += [bias, m0, sh] + ([table] if table is not None else [])
+    return args, dense.epilogue_reference(acc, bias, m0, sh, rq, axis=1, lut=table)
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: "{}x{}x{}".format(*c[:3]))
+def test_dense_exact_emulated(case):
+    m, n, k, rq = case
+    args, ref = _dense_case(case, np.random.default_rng())
+    before = emu.counts.get("tdpbusd", 0)
+    ex = damx.build_int8_dense_amx(m, n, k, bias=rq is not None, requant=rq,
+                                   backend="emulate")
+    np.testing.assert_array_equal(_run(ex, args, ref.shape, ref.dtype), ref)
+    mb, nb = damx.amx_dense_tiles(m, n)
+    blocks = -(-m // (16 * mb)) * -(-n // (16 * nb))
+    assert emu.counts["tdpbusd"] - before == blocks * mb * nb * -(-k // 64)
+
+
+def test_dense_asm_is_amx():
+    m, n, k, rq = DENSE_CASES[3]
+    ops = _amx_instructions(damx.build_int8_dense_amx(m, n, k, bias=True, requant=rq))
+    assert ops["tdpbusd"] == 2 * 2 * 2 and ops["ldtilecfg"] == 1 and ops["tilestored"] == 4
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: "{}x{}x{}".format(*c[:3]))
+def test_dense_exact_on_amx(case):
+    _need_amx()
+    m, n, k, rq = case
+    args, ref = _dense_case(case, np.random.default_rng())
+    ex = damx.build_int8_dense_amx(m, n, k, bias=rq is not None, requant=rq)
     np.testing.assert_array_equal(_run(ex, args, ref.shape, ref.dtype), ref)
 
 
@@ -342,21 +420,57 @@ def test_dispatch_picks_amx_and_stays_exact(c, o, width, stride, on_amx):
 
 
 
-def _amx_layers(mod) -> int:
-    return sum(1 for b in mod["main"].body.blocks[0].bindings
-               if getattr(getattr(b.value, "op", None), "name", "") == "relax.call_tir"
-               and len(b.value.args[1].fields) > 1
-               and const_value(b.value.args[1].fields[1]).ndim == 5)
+def test_dispatch_puts_a_matmul_on_amx_and_stays_exact():
+    rng = np.random.default_rng(5)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((40, 120), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.const(rng.integers(
+                -127, 128, (120, 96)).astype("int8")), out_dtype="int32"))
+            y = bb.emit(relax.op.add(y, relax.const(
+                rng.integers(-9999, 9999, (96,)).astype("int32"))))
+            y = bb.emit(relax.op.astype(y, "int64"))
+            y = bb.emit(relax.op.multiply(y, relax.const(
+                rng.integers(2**30, 2**31, (96,)), "int64")))
+            y = bb.emit(relax.op.add(y, relax.const(1 << 40, "int64")))
+            y = bb.emit(relax.op.right_shift(y, relax.const(41, "int64")))
+            y = bb.emit(relax.op.add(y, relax.const(-3, "int64")))
+            y = bb.emit(relax.op.clip(y, -128, 127))
+            out = bb.emit_output(bb.emit(relax.op.astype(y, "int8")))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    after = DispatchX86Int8(isa="amx", amx_backend="emulate")(mod)
+    assert list(_amx_layers(after)) == [(0, 1)]
+    target = dense.default_target()
+    vm_a = relax.VirtualMachine(tvm.compile(after, target), tvm.cpu())
+    vm_b = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    a = tvm.runtime.tensor(rng.integers(0, 256, (40, 120)).astype("uint8"))
+    np.testing.assert_array_equal(vm_a["main"](a).numpy(), vm_b["main"](a).numpy())
+
+
+def _amx_layers(mod) -> tuple[int, int]:
+    """(convs, matmuls) whose kernels multiply on AMX tiles (``tdpbsud``, ``tdpbusd``)."""
+    kinds = {}
+    for b in mod["main"].body.blocks[0].bindings:
+        if getattr(getattr(b.value, "op", None), "name", "") == "relax.call_tir":
+            gv = b.value.args[0]
+            if gv not in kinds:
+                text = mod[gv].script()
+                kinds[gv] = (0, 1) if "tdpbusd" in text else (1, 0) if "tdpbsud" in text \
+                    else (0, 0)
+            yield kinds[gv]
 
 
 @pytest.mark.parametrize("kind,layers", [
-    ("cls", 13),
-    pytest.param("det", 25, marks=pytest.mark.slow),
-    pytest.param("rec", 17, marks=pytest.mark.slow),
+    ("cls", (13, 0)),
+    pytest.param("det", (25, 1), marks=pytest.mark.slow),
+    pytest.param("rec", (17, 9), marks=pytest.mark.slow),
 ])
 def test_ppocr_on_emulated_amx_equals_vnni_build(kind, layers):
     """A real PP-OCR model, calibrated on its real data, built for an AMX CPU with the AMX
-    instructions emulated: as many of its convs as expected go on AMX, and its outputs on a
+    instructions emulated: as many of its convs and matmuls as expected go on AMX (det's
+    upsampling heads are matmuls), and its outputs on a
     real input equal the AVX-512 VNNI build's bit for bit."""
     from tvmquant import datasets
     from tvmquant.frontend import load_onnx
@@ -365,7 +479,7 @@ def test_ppocr_on_emulated_amx_equals_vnni_build(kind, layers):
     mod, _, _ = load_onnx(ppocr_model_path(kind), PPOCR_INPUT_SHAPES[kind])
     q = tvmquant.quantize(mod, datasets.calibration_samples(kind, 4), "int8", progress=False)
     on_amx = DispatchX86Int8(isa="amx", amx_backend="emulate")(q.mod)
-    assert _amx_layers(on_amx) == layers
+    assert tuple(map(sum, zip(*_amx_layers(on_amx)))) == layers
     x = tvm.runtime.tensor(datasets.model_inputs(kind, n=1)[0])
     target = dense.default_target()
     got = relax.VirtualMachine(tvm.compile(on_amx, target), tvm.cpu())["main"](x).numpy()
