@@ -21,8 +21,9 @@ so neither costs a pass over memory of its own. A depthwise convolution runs on
 ``nn.pad`` before it). An anchor whose int32 sum the graph dequantizes instead
 (an integer layer that only float layers read: a mixed-precision boundary, a model's last
 layer) runs on the same kernels with an int32 output; the float ops after it stay in the
-graph. What does not match (grouped convolutions, dilation, signed
-activations, batched matmuls) is left to TVM's default kernels. A transposed convolution
+graph. A grouped convolution (not depthwise) runs as one call of the regular kernel per group
+on that group's channels, and a concat. What does not match (dilation, signed activations,
+batched matmuls) is left to TVM's default kernels. A transposed convolution
 whose stride equals its kernel (the upsampling heads of detectors) is a matmul followed by
 a depth-to-space, and runs as one.
 Kernels are cached by shape and epilogue within a module.
@@ -56,6 +57,14 @@ from .int8_depthwise_conv2d import (
     int8_depthwise_conv2d,
     pack_depthwise_weight,
 )
+
+#: A grouped convolution goes on the kernels group by group when it has at most
+#: ``FEW_GROUPS`` groups, or at most ``MAX_GROUPS`` of at least ``GROUP_CHANNELS`` input
+#: channels each; else it stays on TVM's default kernel (one kernel call per group costs
+#: its own launch, slice and share of the concat). Measured on 9x13 inputs, 3x3, Zen 4,
+#: 2 threads (default / per group): 4 groups of 8 channels 24 / 12 us, 8 of 8 26 / 26,
+#: 32 of 8 93 / 220, 16 of 16 186 / 123, 16 of 32 740 / 356, 8 of 64 1483 / 256.
+FEW_GROUPS, MAX_GROUPS, GROUP_CHANNELS = 4, 32, 16
 
 
 def target_has_features(target: tvm.target.Target, *features: str) -> bool:
@@ -262,8 +271,8 @@ class _Dispatcher(relax.PyExprMutator):
         if int(attrs.groups) > 1 and int(attrs.groups) == m.weight.shape[0] and \
                 m.weight.shape[1] == 1:
             return self._depthwise(m)
-        if int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW" or \
-                str(attrs.kernel_layout) != "OIHW" or any(int(d) != 1 for d in attrs.dilation):
+        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or \
+                any(int(d) != 1 for d in attrs.dilation):
             return None
         sh, sw = (int(s) for s in attrs.strides)
         if sh != sw:
@@ -276,6 +285,46 @@ class _Dispatcher(relax.PyExprMutator):
             data = self.visit_expr(unpadded)
         else:
             data = self.visit_expr(m.data)
+        if int(attrs.groups) != 1:
+            return self._grouped(m, data, pad, pad_value)
+        return self._regular_conv(m, data, pad, pad_value)
+
+    def _grouped(self, m: _Match, data, pad, pad_value):
+        """A grouped convolution (``groups`` > 1, not depthwise): one call of the regular
+        conv kernel per group, on the group's channels, joined by a concat. The groups share
+        one kernel (same shape; their weights, bias and requantization are arguments)."""
+        groups = int(m.anchor.attrs.groups)
+        n, c, _, _ = static_shape(data)
+        o = m.weight.shape[0]
+        if c % groups or o % groups:
+            return None
+        cg, og = c // groups, o // groups
+        if groups > FEW_GROUPS and (cg < GROUP_CHANNELS or groups > MAX_GROUPS):
+            return None
+        bb, outs = self.builder_, []
+        out_ty = relax.TensorType((n, og, *static_shape(m.out_var)[2:]), _result_dtype(m))
+        for g in range(groups):
+            part = bb.emit(relax.op.strided_slice(data, [1], [g * cg], [(g + 1) * cg]))
+            sub = _Match(m.anchor, None, m.weight[g * og:(g + 1) * og], None, None, None,
+                         m.requant, None)
+            picked = self._regular_conv(sub, part, pad, pad_value)
+            if picked is None:
+                return None
+            gv, (x, packed) = picked
+            cut = slice(g * og, (g + 1) * og)
+            args = [x, relax.const(packed, "int8"), relax.const(m.bias[cut], "int32")]
+            if m.requant is not None:
+                args += [relax.const(m.m0[cut], "int32"), relax.const(m.shift[cut], "int32")]
+            if m.lut is not None:
+                args.append(relax.const(m.lut))
+            outs.append(bb.emit(relax.call_tir(gv, args, out_ty)))
+        return relax.op.concat(outs, axis=1)
+
+    def _regular_conv(self, m: _Match, data, pad, pad_value):
+        """A ``groups == 1`` conv on ``data`` (already visited): its kernel and packed
+        weight."""
+        attrs = m.anchor.attrs
+        sh = int(attrs.strides[0])
         n, c, h, w = static_shape(data)
         o, _, kh, kw = m.weight.shape
         _, ow = conv_output_size(h + pad[0] + pad[2], w + pad[1] + pad[3], kh, kw, sh)
@@ -400,6 +449,10 @@ class _Dispatcher(relax.PyExprMutator):
                 return
         elif m is not None:
             picked = self._conv(m) if _op(m.anchor, "relax.nn.conv2d") else self._dense(m)
+            if isinstance(picked, relax.Expr):  # a grouped conv: its calls and their concat
+                self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, picked))
+                self.count += 1
+                return
             if picked is not None:
                 gv, (data, packed) = picked
                 args = [data, relax.const(packed, "int8"), relax.const(m.bias, "int32")]

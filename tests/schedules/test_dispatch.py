@@ -264,3 +264,67 @@ def test_overlapping_conv_transpose_is_left_alone():
         bb.emit_func_output(out)
     mod = bb.get()
     assert "conv2d_transpose" in DispatchX86Int8()(mod)["main"].script()
+
+
+def _grouped_chain(groups: int, c: int, o: int, table: bool):
+    """pad(zero point) -> grouped conv2d -> requantization (to uint8, or to int16 and a
+    lookup table), as LowerToIntegerOnly writes them."""
+    rng = np.random.default_rng(groups)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, c, 9, 13), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            p = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 1, 1, 1, 1], pad_value=17.0))
+            y = bb.emit(relax.op.nn.conv2d(p, relax.const(rng.integers(
+                -127, 128, (o, c // groups, 3, 3)).astype("int8")), groups=groups,
+                out_dtype="int32"))
+            y = bb.emit(relax.op.add(y, relax.const(
+                rng.integers(-9999, 9999, (1, o, 1, 1)).astype("int32"))))
+            y = bb.emit(relax.op.astype(y, "int64"))
+            y = bb.emit(relax.op.multiply(y, relax.const(
+                rng.integers(2**30, 2**31, (1, o, 1, 1)), "int64")))
+            y = bb.emit(relax.op.add(y, relax.const(1 << 36, "int64")))
+            y = bb.emit(relax.op.right_shift(y, relax.const(37, "int64")))
+            y = bb.emit(relax.op.add(y, relax.const(-5 if table else 7, "int64")))
+            lo, hi, dt = (-32768, 32767, "int16") if table else (0, 255, "uint8")
+            y = bb.emit(relax.op.clip(y, lo, hi))
+            y = bb.emit(relax.op.astype(y, dt))
+            if table:
+                y = bb.emit(relax.op.astype(y, "int32"))
+                y = bb.emit(relax.op.subtract(y, relax.const(-32768, "int32")))
+                y = bb.emit(relax.op.take(relax.const(rng.integers(
+                    0, 256, 65536).astype("uint8")), y, axis=0, mode="clip"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("groups,c,o,table", [(2, 16, 24, False), (4, 32, 8, True)])
+def test_grouped_conv_runs_per_group_on_the_kernel(groups, c, o, table):
+    mod = _grouped_chain(groups, c, o, table)
+    after = DispatchX86Int8()(mod)
+    relax.analysis.well_formed(after)
+    text = after["main"].script()
+    assert _call_tir_count(after) == groups and "R.concat" in text
+    assert "R.nn.conv2d" not in text and "R.take" not in text and "R.nn.pad" not in text
+    assert len([gv for gv in after.get_global_vars() if gv.name_hint != "main"]) == 1
+    if not _cpu_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI (avx512_vnni not in /proc/cpuinfo)")
+    vm_a = relax.VirtualMachine(tvm.compile(after, TARGET), tvm.cpu())
+    vm_b = relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
+    for seed in (1, 2):
+        x = tvm.runtime.tensor(np.random.default_rng(seed).integers(0, 256, (1, c, 9, 13))
+                               .astype("uint8"))
+        np.testing.assert_array_equal(vm_a["main"](x).numpy(), vm_b["main"](x).numpy())
+
+
+@pytest.mark.parametrize("groups,c,on_kernels", [
+    (4, 8, True),  # few groups: on the kernels whatever their size
+    (8, 64, False),  # 8 groups of 8 channels: per-group calls cost more than they save
+    (8, 128, True),  # 8 groups of 16
+    (64, 1024, False),  # too many groups
+])
+def test_grouped_conv_choice(groups, c, on_kernels):
+    after = DispatchX86Int8()(_grouped_chain(groups, c, c, False))
+    assert ("R.nn.conv2d" not in after["main"].script()) == on_kernels
+    assert _call_tir_count(after) == (groups if on_kernels else 0)
