@@ -24,8 +24,8 @@ layer) runs on the same kernels with an int32 output; the float ops after it sta
 graph. A grouped convolution (not depthwise) runs as one call of the regular kernel per group
 on that group's channels, and a concat. What does not match (dilation, signed activations,
 batched matmuls) is left to TVM's default kernels. A transposed convolution
-whose stride equals its kernel (the upsampling heads of detectors) is a matmul followed by
-a depth-to-space, and runs as one.
+whose stride equals its kernel (the upsampling heads of detectors) is a 1x1 convolution
+followed by a depth-to-space, and runs as one.
 Kernels are cached by shape and epilogue within a module.
 
 On CPUs with AMX-INT8 (``isa="amx"``), the stride-1 regular convolutions and the matmuls
@@ -320,11 +320,10 @@ class _Dispatcher(relax.PyExprMutator):
             outs.append(bb.emit(relax.call_tir(gv, args, out_ty)))
         return relax.op.concat(outs, axis=1)
 
-    def _regular_conv(self, m: _Match, data, pad, pad_value):
+    def _regular_conv(self, m: _Match, data, pad, pad_value, stride: int | None = None):
         """A ``groups == 1`` conv on ``data`` (already visited): its kernel and packed
-        weight."""
-        attrs = m.anchor.attrs
-        sh = int(attrs.strides[0])
+        weight (``stride``: the anchor's by default)."""
+        sh = stride if stride is not None else int(m.anchor.attrs.strides[0])
         n, c, h, w = static_shape(data)
         o, _, kh, kw = m.weight.shape
         _, ow = conv_output_size(h + pad[0] + pad[2], w + pad[1] + pad[3], kh, kw, sh)
@@ -379,11 +378,14 @@ class _Dispatcher(relax.PyExprMutator):
         return gv, [padded, pack_depthwise_weight(m.weight)]
 
     def _conv_transpose(self, m: _Match):
-        """Stride == kernel, no padding: a dense ``[H*W, C] x [C, O*kh*kw]`` + depth-to-space.
+        """Stride == kernel, no padding: a 1x1 conv to ``O * kh * kw`` channels +
+        depth-to-space.
 
         Each input pixel writes its own ``kh x kw`` block of outputs, so the whole operator is
-        one matmul on the VNNI kernel (requantized per column = per output channel) followed
-        by a movement of uint8/int8 values.
+        one 1x1 convolution on the conv kernels (requantized per output channel, repeated
+        over the block) followed by a movement of uint8/int8 values. (It was a matmul over
+        the input transposed to ``[H*W, C]``: the 1x1 conv reads ``NCHW`` as it is and its
+        few output channels go on the pixel-lane kernel; det 320 -2.9%, det 640 -2.5%.)
         """
         attrs = m.anchor.attrs
         c_in, o, kh, kw = m.weight.shape
@@ -394,26 +396,24 @@ class _Dispatcher(relax.PyExprMutator):
                 or any(int(d) != 1 for d in attrs.dilation):
             return None
         data = self.visit_expr(m.data)
-        n, c, h, w = static_shape(data)
+        n, _, h, w = static_shape(data)
         bb = self.builder_
-        rows = bb.emit(relax.op.reshape(relax.op.permute_dims(data, [0, 2, 3, 1]),
-                                        (n * h * w, c)))
-        cols = o * kh * kw
-        # columns in (kh, kw, o) order: each output pixel's o channels are then contiguous in
-        # the matmul's output, and the depth-to-space below moves whole rows of o values
-        w_cols = m.weight.transpose(0, 2, 3, 1).reshape(c_in, cols)
-        gv, packed = self._matmul(n * h * w, cols, c, m.requant, w_cols)
         rep = kh * kw
-        args = [rows, relax.const(packed, "int8"), relax.const(np.tile(m.bias, rep), "int32")]
+        # output channels in (o, kh, kw) order: the 1x1 conv writes NCHW planes, the
+        # depth-to-space below interleaves them
+        w1 = m.weight.transpose(1, 2, 3, 0).reshape(o * rep, c_in, 1, 1)
+        sub = _Match(m.anchor, None, w1, None, None, None, m.requant, None)
+        gv, (x, packed) = self._regular_conv(sub, data, (0, 0, 0, 0), 0, stride=1)
+        args = [x, relax.const(packed, "int8"), relax.const(np.repeat(m.bias, rep), "int32")]
         if m.requant is not None:
-            args += [relax.const(np.tile(m.m0, rep), "int32"),
-                     relax.const(np.tile(m.shift, rep), "int32")]
+            args += [relax.const(np.repeat(m.m0, rep), "int32"),
+                     relax.const(np.repeat(m.shift, rep), "int32")]
         if m.lut is not None:
             args.append(relax.const(m.lut))
-        out = bb.emit(relax.call_tir(gv, args, relax.TensorType((n * h * w, cols),
+        out = bb.emit(relax.call_tir(gv, args, relax.TensorType((n, o * rep, h, w),
                                                                 _result_dtype(m))))
-        blocks = relax.op.reshape(out, (n, h, w, kh, kw, o))
-        return relax.op.reshape(relax.op.permute_dims(blocks, [0, 5, 1, 3, 2, 4]),
+        blocks = relax.op.reshape(out, (n, o, kh, kw, h, w))
+        return relax.op.reshape(relax.op.permute_dims(blocks, [0, 1, 4, 2, 5, 3]),
                                 (n, o, h * kh, w * kw))
 
     def _dense(self, m: _Match):
