@@ -469,3 +469,31 @@ def test_mixed_precision_errors_leave_nothing(files, tmp_path):
     code, _, err = _main(_mixed_args(files, tmp_path, "--latency-budget", "fast"))
     assert code == 2 and "cannot read latency budget" in err
     assert not (tmp_path / "mp.so").exists()
+
+
+def test_targets_this_cpu_cannot_run(files, tmp_path):
+    """Tuning or measuring locally for a target whose instructions this CPU lacks would die
+    of an illegal instruction: a clear error first (cross-compiling stays allowed, with a
+    note)."""
+    from tvmquant.targets import missing_host_features, resolve_target
+
+    alien = next((name for name in ("x86-amx", "x86-vnni", "x86-avx2")
+                  if missing_host_features(resolve_target(name))), None)
+    if alien is None:
+        pytest.skip("this CPU has every feature of tvmquant's x86 targets")
+    missing = missing_host_features(resolve_target(alien))
+    code, _, err = _main(["tune", files["model"], "--quantize", "none", "--target", alien,
+                          "--work-dir", tmp_path / "tune", "--trials", "1"])
+    assert code == 2 and missing[0] in err and "--rpc-tracker" in err
+    assert not (tmp_path / "tune").exists()
+    argv = _mixed_args(files, tmp_path, "--size-budget", "0.75x-int8")
+    argv[argv.index("--target") + 1] = alien
+    code, _, err = _main(argv)
+    assert code == 2 and missing[0] in err
+    assert not (tmp_path / "lat.json").exists()
+    lib = tmp_path / "alien.so"
+    code, out, err = _main(["compile", files["model"], "--quantize", "none", "--target", alien,
+                            "-o", lib])
+    assert code == 0, err
+    assert lib.exists() and "not here" in out and missing[0] in out
+    assert missing_host_features(resolve_target("native")) == []

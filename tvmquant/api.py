@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,10 +143,17 @@ def build(
     schedules=False`` is TVM's plain ``tvm.compile``.
     """
     from .schedules.pipeline import build as _build
+    from .targets import missing_host_features
 
     mod = qmod.mod if isinstance(qmod, QuantizedModel) else _as_irmodule(qmod)
-    return _build(mod, resolve_target(target), kernels=kernels, schedules=schedules,
-                  database=database, fast_math=fast_math)
+    tgt = resolve_target(target)
+    missing = missing_host_features(tgt)
+    if missing:
+        warnings.warn(f"building for a CPU with {', '.join(missing)}, which this machine's "
+                      "CPU lacks: run the result on such a machine (here it would stop on an "
+                      "illegal instruction)", stacklevel=2)
+    return _build(mod, tgt, kernels=kernels, schedules=schedules, database=database,
+                  fast_math=fast_math)
 
 
 def run(ex, inputs: Sequence[np.ndarray], device=None) -> list[np.ndarray]:

@@ -50,7 +50,7 @@ from .io import (
     json_dumps,
     load_calibration_npz,
 )
-from .targets import TARGETS, host_target, resolve_target
+from .targets import TARGETS, host_target, missing_host_features, resolve_target
 from .tuning import RPCDevice, TuningError, records_database, tune
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -193,6 +193,17 @@ def _para(text: str) -> str:
 
 class CLIError(Exception):
     """A user error detected by the command line; printed as one line, exit status 2."""
+
+
+def _check_runs_here(target, name: str, why: str) -> None:
+    """A clear error, before any slow step, where ``target``'s code cannot run on this CPU
+    (it would die of an illegal instruction)."""
+    missing = missing_host_features(target)
+    if missing:
+        raise CLIError(
+            f"{why} on this machine, whose CPU lacks {', '.join(missing)} that target "
+            f"{name!r} uses: run it on such a machine, or through --rpc-tracker/--rpc-key, "
+            "or pick a target this CPU has (tvmquant targets; 'native' is this one)")
 
 
 _USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -663,6 +674,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if report_text is not None:
         atomic_write_bytes(args.report, report_text.encode("utf-8"))
     _print_compile_summary(args, report, inputs, target_text)
+    missing = missing_host_features(target)
+    if missing:
+        _out(f"  note: built for a CPU with {', '.join(missing)}, which this machine's CPU "
+             "lacks: the library runs on such a machine, not here")
     return 0
 
 
@@ -680,6 +695,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         target = resolve_target(args.target)
     except ValueError as err:
         raise CLIError(str(err)) from None
+    if rpc is None:
+        _check_runs_here(target, args.target, "tuning runs its candidates")
     if config is not None and not config.dynamic and not args.calibration_data:
         raise CalibrationDataError(
             f"preset {args.quantize!r} needs --calibration-data CALIB.npz (the same as for "
@@ -737,6 +754,8 @@ def _cmd_mixed_precision(args: argparse.Namespace) -> int:
         target = resolve_target(args.target)
     except ValueError as err:
         raise CLIError(str(err)) from None
+    if rpc is None:
+        _check_runs_here(target, args.target, "the latency table is measured by running layers")
     table_path = Path(args.latency_table)
     table_path.parent.mkdir(parents=True, exist_ok=True)
     Path(args.sensitivity_cache).parent.mkdir(parents=True, exist_ok=True)

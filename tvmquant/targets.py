@@ -62,3 +62,23 @@ def resolve_target(target: str | Mapping | tvm.target.Target,
         return tvm.target.Target(fields)
     except Exception as err:  # TVM raises its own error types
         raise ValueError(f"invalid target {fields}: {err}") from None
+
+
+#: The CPU features (LLVM names) whose instructions tvmquant's kernels or LLVM's vectorizer
+#: may emit: a module built for a target with one of them does not run on a CPU without it.
+VECTOR_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vbmi",
+                   "avx512vpopcntdq", "avx512bf16", "avx512fp16", "avxvnni", "amx-tile",
+                   "amx-int8", "amx-bf16")
+
+
+def missing_host_features(target: tvm.target.Target) -> list[str]:
+    """The features of :data:`VECTOR_FEATURES` that an x86 LLVM ``target`` enables and this
+    machine's CPU lacks (empty: what is built for ``target`` runs here)."""
+    if target.kind.name != "llvm":
+        return []
+    try:
+        has = tvm.target.codegen.llvm_cpu_has_features
+        host = tvm.target.Target(host_target())
+        return [f for f in VECTOR_FEATURES if has([f], target) and not has([f], host)]
+    except Exception:  # another architecture, an LLVM without these names: no claim
+        return []

@@ -486,3 +486,13 @@ def test_ppocr_on_emulated_amx_equals_vnni_build(kind, layers):
     vnni = DispatchX86Int8()(q.mod)
     want = relax.VirtualMachine(tvm.compile(vnni, target), tvm.cpu())["main"](x).numpy()
     np.testing.assert_array_equal(got, want)
+
+
+def test_building_for_an_amx_cpu_here_warns():
+    if cpu_has_amx():
+        pytest.skip("this CPU has AMX: an AMX build runs here")
+    from tvmquant.testing import random_inputs, small_convnet
+
+    q = tvmquant.quantize(small_convnet(), random_inputs(2), "int8", progress=False)
+    with pytest.warns(UserWarning, match="amx-int8"):
+        tvmquant.build(q, "x86-amx")
