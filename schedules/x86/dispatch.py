@@ -307,10 +307,7 @@ class _Dispatcher(relax.PyExprMutator):
             part = bb.emit(relax.op.strided_slice(data, [1], [g * cg], [(g + 1) * cg]))
             sub = _Match(m.anchor, None, m.weight[g * og:(g + 1) * og], None, None, None,
                          m.requant, None)
-            picked = self._regular_conv(sub, part, pad, pad_value)
-            if picked is None:
-                return None
-            gv, (x, packed) = picked
+            gv, (x, packed) = self._regular_conv(sub, part, pad, pad_value)
             cut = slice(g * og, (g + 1) * og)
             args = [x, relax.const(packed, "int8"), relax.const(m.bias[cut], "int32")]
             if m.requant is not None:
