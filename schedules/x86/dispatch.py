@@ -309,7 +309,7 @@ class _Dispatcher(relax.PyExprMutator):
                          m.requant, None)
             gv, (x, packed) = self._regular_conv(sub, part, pad, pad_value)
             cut = slice(g * og, (g + 1) * og)
-            args = [x, relax.const(packed, "int8"), relax.const(m.bias[cut], "int32")]
+            args = [x, relax.const(packed, str(packed.dtype)), relax.const(m.bias[cut], "int32")]
             if m.requant is not None:
                 args += [relax.const(m.m0[cut], "int32"), relax.const(m.shift[cut], "int32")]
             if m.lut is not None:
@@ -342,7 +342,7 @@ class _Dispatcher(relax.PyExprMutator):
         gv = self._kernel(key, lambda: int8_conv2d(n, c, h, w, o, kh, kw, sh, bias=True,
                                                    requant=m.requant, pad=pad,
                                                    pad_value=pad_value, isa=self.isa))
-        return gv, [data, pack_conv_weight(m.weight)]
+        return gv, [data, pack_conv_weight(m.weight, self.isa)]
 
     def _depthwise(self, m: _Match):
         """A depthwise conv (one filter per channel) on :mod:`.int8_depthwise_conv2d`; its
@@ -401,7 +401,8 @@ class _Dispatcher(relax.PyExprMutator):
         w1 = m.weight.transpose(1, 2, 3, 0).reshape(o * rep, c_in, 1, 1)
         sub = _Match(m.anchor, None, w1, None, None, None, m.requant, None)
         gv, (x, packed) = self._regular_conv(sub, data, (0, 0, 0, 0), 0, stride=1)
-        args = [x, relax.const(packed, "int8"), relax.const(np.repeat(m.bias, rep), "int32")]
+        args = [x, relax.const(packed, str(packed.dtype)),
+                relax.const(np.repeat(m.bias, rep), "int32")]
         if m.requant is not None:
             args += [relax.const(np.repeat(m.m0, rep), "int32"),
                      relax.const(np.repeat(m.shift, rep), "int32")]
@@ -434,7 +435,7 @@ class _Dispatcher(relax.PyExprMutator):
         key = ("dense", mm, n, k, requant)
         gv = self._kernel(key, lambda: int8_dense(mm, n, k, bias=True, requant=requant,
                                                   isa=self.isa))
-        return gv, pack_weight(weight_kn, "KN")
+        return gv, pack_weight(weight_kn, "KN", self.isa)
 
     def visit_var_binding_(self, binding):
         m = self.matches.get(binding.var)
@@ -452,7 +453,7 @@ class _Dispatcher(relax.PyExprMutator):
                 return
             if picked is not None:
                 gv, (data, packed) = picked
-                args = [data, relax.const(packed, "int8"), relax.const(m.bias, "int32")]
+                args = [data, relax.const(packed, str(packed.dtype)), relax.const(m.bias, "int32")]
                 if m.requant is not None:
                     args += [relax.const(m.m0, "int32"), relax.const(m.shift, "int32")]
                 if m.lut is not None:

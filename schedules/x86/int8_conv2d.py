@@ -94,8 +94,10 @@ def packed_conv_weight_shape(o: int, c: int, kh: int, kw: int) -> tuple[int, int
     return (_ceil_to(o, LANES) // LANES, _ceil_to(c, KBLOCK) // KBLOCK * kh * kw, LANES, KBLOCK)
 
 
-def pack_conv_weight(w: np.ndarray) -> np.ndarray:
-    """``OIHW`` int8 -> ``[ceil(O/16), ceil(C/4)*KH*KW, 16, 4]`` (see the module docstring)."""
+def pack_conv_weight(w: np.ndarray, isa: str = "avx512_vnni") -> np.ndarray:
+    """``OIHW`` int8 -> ``[ceil(O/16), ceil(C/4)*KH*KW, 16, 4]`` (see the module docstring);
+    with ``isa="avx2"`` widened to int16 in reduction pairs, ``[.., 2, 16, 2]``
+    (:data:`.vnni_intrin.AVX2_INTRIN`)."""
     w = np.asarray(w)
     if w.ndim != 4 or w.dtype != np.int8:
         raise ValueError(f"pack_conv_weight wants an int8 OIHW weight, got {w.dtype} {w.shape}")
@@ -105,7 +107,10 @@ def pack_conv_weight(w: np.ndarray) -> np.ndarray:
     wp[:o, :c] = w
     # [ob, o16, c4, ci, kh, kw] -> [ob, c4, kh, kw, o16, ci]
     t = wp.reshape(op // LANES, LANES, cp // KBLOCK, KBLOCK, kh, kw).transpose(0, 2, 4, 5, 1, 3)
-    return np.ascontiguousarray(t.reshape(op // LANES, cp // KBLOCK * kh * kw, LANES, KBLOCK))
+    t = t.reshape(op // LANES, cp // KBLOCK * kh * kw, LANES, KBLOCK)
+    if isa == "avx2":  # [.., 16, (2, 2)] -> [.., 2 pairs, 16, 2], int16
+        t = t.reshape(*t.shape[:2], LANES, 2, 2).transpose(0, 1, 3, 2, 4).astype(np.int16)
+    return np.ascontiguousarray(t)
 
 
 def conv2d_reference(x: np.ndarray, w: np.ndarray, stride: int) -> np.ndarray:
@@ -211,10 +216,12 @@ def int8_conv2d_compute(
     nb: int = 1,
     pad: tuple[int, int, int, int] = (0, 0, 0, 0),
     pad_value: int = 0,
+    isa: str = "avx512_vnni",
 ) -> tirx.PrimFunc:
     """The unscheduled PrimFunc: blocks ``x4c`` (NCHW input only), ``acc``, ``epi``, ``out``.
 
-    ``pad`` is ``(top, left, bottom, right)``, applied while re-laying out an NCHW input.
+    ``pad`` is ``(top, left, bottom, right)``, applied while re-laying out an NCHW input;
+    ``isa="avx2"`` takes the int16 weights of ``pack_conv_weight(w, "avx2")``.
     """
     if out_layout not in ("NCHW", "NCHW16c"):
         raise ValueError(f"out_layout must be NCHW or NCHW16c, got {out_layout!r}")
@@ -249,7 +256,16 @@ def int8_conv2d_compute(
         x4 = _View()
     else:
         raise ValueError(f"data_layout must be NCHW, NCHW4c or NCHW16c, got {data_layout!r}")
-    wt = te.placeholder((oblk, c4 * kh * kw, LANES, KBLOCK), "int8", name="W")
+    if isa == "avx2":
+        wt = te.placeholder((oblk, c4 * kh * kw, 2, LANES, 2), "int16", name="W")
+
+        def weight(ob, pos, lane, ci):
+            return wt[ob, pos, ci // 2, lane, ci % 2]
+    else:
+        wt = te.placeholder((oblk, c4 * kh * kw, LANES, KBLOCK), "int8", name="W")
+
+        def weight(ob, pos, lane, ci):
+            return wt[ob, pos, lane, ci]
 
     def col(j):
         return tirx.min(j, ow - 1) if owp != ow else j
@@ -265,7 +281,7 @@ def int8_conv2d_compute(
         (n, oh, owp, opp),
         lambda b, y, xx, oc: te.sum(
             x4[b, rc, y * stride + rh, col(xx) * stride + rw, ri].astype("int32")
-            * wt[blk(oc), (rc * kh + rh) * kw + rw, oc % LANES, ri].astype("int32"),
+            * weight(blk(oc), (rc * kh + rh) * kw + rw, oc % LANES, ri).astype("int32"),
             axis=[rc, rh, rw, ri],
         ),
         name="acc",
@@ -382,7 +398,7 @@ def int8_conv2d(
     mb, nb = mb or dmb, nb or dnb
     func = int8_conv2d_compute(
         n, c, h, w, o, kh, kw, stride, data_layout=data_layout, out_layout=out_layout,
-        bias=bias, requant=requant, mb=mb, nb=nb, pad=pad, pad_value=pad_value,
+        bias=bias, requant=requant, mb=mb, nb=nb, pad=pad, pad_value=pad_value, isa=isa,
     )
     return schedule_int8_conv2d(func, mb=mb, nb=nb, isa=isa)
 

@@ -60,8 +60,10 @@ def packed_weight_shape(n: int, k: int) -> tuple[int, int, int, int]:
     return (_ceil_to(n, LANES) // LANES, _ceil_to(k, KBLOCK) // KBLOCK, LANES, KBLOCK)
 
 
-def pack_weight(w: np.ndarray, layout: str) -> np.ndarray:
-    """Pack an int8 weight into ``[ceil(N/16), ceil(K/4), 16, 4]`` (zero padded).
+def pack_weight(w: np.ndarray, layout: str, isa: str = "avx512_vnni") -> np.ndarray:
+    """Pack an int8 weight into ``[ceil(N/16), ceil(K/4), 16, 4]`` (zero padded); with
+    ``isa="avx2"`` widened to int16 in reduction pairs, ``[.., 2, 16, 2]``
+    (:data:`.vnni_intrin.AVX2_INTRIN`).
 
     ``layout`` says how ``w`` is laid out: ``"NK"`` (out, in: ``nn.Linear``/dense) or
     ``"KN"`` (in, out: the ``B`` of ``matmul(A, B)``). It is required, because a square
@@ -81,6 +83,9 @@ def pack_weight(w: np.ndarray, layout: str) -> np.ndarray:
     padded = np.zeros((np_, kp), dtype=np.int8)
     padded[:n, :k] = w
     packed = padded.reshape(np_ // LANES, LANES, kp // KBLOCK, KBLOCK).transpose(0, 2, 1, 3)
+    if isa == "avx2":  # [.., 16, (2, 2)] -> [.., 2 pairs, 16, 2], int16
+        packed = packed.reshape(*packed.shape[:2], LANES, 2, 2).transpose(0, 1, 3, 2, 4) \
+            .astype(np.int16)
     return np.ascontiguousarray(packed)
 
 
@@ -230,8 +235,10 @@ def int8_dense_compute(
     requant: Requant | None = None,
     mb: int = 1,
     nb: int = 1,
+    isa: str = "avx512_vnni",
 ) -> tirx.PrimFunc:
-    """The unscheduled PrimFunc: blocks ``A_pad`` (only if ``K % 4``), ``acc`` and ``C``.
+    """The unscheduled PrimFunc: blocks ``A_pad`` (only if ``K % 4``), ``acc`` and ``C``
+    (``isa="avx2"``: the int16 weights of ``pack_weight(w, layout, "avx2")``).
 
     ``acc`` covers ``ceil(M/mb)*mb`` rows and ``ceil(N/(16 nb))*16 nb`` columns so that every
     register tile is full: the extra rows re-read row ``M-1`` of ``A`` and the extra column
@@ -243,7 +250,16 @@ def int8_dense_compute(
     mp = _ceil_to(m, mb)
     npp = _ceil_to(nblk, nb) * LANES
     a = te.placeholder((m, k), "uint8", name="A")
-    w = te.placeholder((nblk, kblk, LANES, KBLOCK), "int8", name="W")
+    if isa == "avx2":  # the int16 weights of pack_weight(w, ..., "avx2")
+        w = te.placeholder((nblk, kblk, 2, LANES, 2), "int16", name="W")
+
+        def weight(jb, kb, lane, q):
+            return w[jb, kb, q // 2, lane, q % 2]
+    else:
+        w = te.placeholder((nblk, kblk, LANES, KBLOCK), "int8", name="W")
+
+        def weight(jb, kb, lane, q):
+            return w[jb, kb, lane, q]
     if kp != k:
         a_in = te.compute(
             (m, kp),
@@ -264,7 +280,7 @@ def int8_dense_compute(
         (mp, npp),
         lambda i, j: te.sum(
             a_in[row(i), r].astype("int32")
-            * w[blk(j), r // KBLOCK, j % LANES, r % KBLOCK].astype("int32"),
+            * weight(blk(j), r // KBLOCK, j % LANES, r % KBLOCK).astype("int32"),
             axis=r,
         ),
         name="acc",
@@ -292,8 +308,9 @@ def schedule_int8_dense(
     dividing the padded K, or None for all of K) blocks the reduction for the caches: the
     ``nb*16 x kc`` weight slice is reused by every row tile of a column panel before moving
     on, and the accumulators of the whole panel then live in a per-thread buffer.
-    ``isa="avx2"`` tensorizes each 16x4 block as two exact 8x4 AVX2 blocks (same packed
-    weights; build it for an AVX2 target, e.g. ``mcpu="haswell"``).
+    ``isa="avx2"`` tensorizes each 16x4 block as two exact 8x4 AVX2 blocks (on the int16
+    weights of ``pack_weight(w, layout, "avx2")``; build it for an AVX2 target, e.g.
+    ``mcpu="haswell"``).
     """
     intrin, lanes = _isa_intrin(isa)
     sch = Schedule(func)
@@ -361,7 +378,7 @@ def int8_dense(
     """
     dmb, dnb = default_tiles(m, n, isa)
     mb, nb = mb or dmb, nb or dnb
-    func = int8_dense_compute(m, n, k, bias=bias, requant=requant, mb=mb, nb=nb)
+    func = int8_dense_compute(m, n, k, bias=bias, requant=requant, mb=mb, nb=nb, isa=isa)
     return schedule_int8_dense(func, mb=mb, nb=nb, kc=kc, isa=isa)
 
 

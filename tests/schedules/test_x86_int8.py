@@ -83,6 +83,10 @@ def test_pack_conv_weight_layout():
             for i in range(3):
                 for j in range(2):
                     assert p[o // 16, (c // 4 * 3 + i) * 2 + j, o % 16, c % 4] == w[o, c, i, j]
+    p16 = conv.pack_conv_weight(w, "avx2")  # int16, reduction pairs outermost in the block
+    assert p16.dtype == np.int16 and p16.shape == (2, 12, 2, 16, 2)
+    np.testing.assert_array_equal(p16[:, :, 0], p[:, :, :, 0:2])
+    np.testing.assert_array_equal(p16[:, :, 1], p[:, :, :, 2:4])
     x = rng.integers(0, 256, (2, 6, 3, 5), dtype=np.uint8)
     x4 = conv.pack_input(x)
     assert x4.shape == (2, 2, 3, 5, 4)
@@ -238,7 +242,7 @@ def test_dense_avx2_exact(shape):
     w[0, :] = -128
     w[1, :] = 127
     ex = dense.build_int8_dense(m, n, k, isa="avx2")
-    got = _run(ex, [a, dense.pack_weight(w, "NK")], (m, n), np.int32)
+    got = _run(ex, [a, dense.pack_weight(w, "NK", "avx2")], (m, n), np.int32)
     np.testing.assert_array_equal(got, a.astype(np.int64) @ w.astype(np.int64).T)
     assert AVX2_INTRIN  # registered under its own name
 
@@ -374,8 +378,8 @@ def test_conv2d_avx2_exact(case, out_layout):
     wt[0] = -128
     raw = conv.build_int8_conv2d(n, c, h, w, o, kh, kw, s, out_layout=out_layout, isa="avx2")
     oh, ow = conv.conv_output_size(h, w, kh, kw, s)
-    got = _run(raw, [x, conv.pack_conv_weight(wt)], _conv_out_shape(n, o, oh, ow, out_layout),
-               np.int32)
+    got = _run(raw, [x, conv.pack_conv_weight(wt, "avx2")],
+               _conv_out_shape(n, o, oh, ow, out_layout), np.int32)
     np.testing.assert_array_equal(_conv_out_to_nchw(got, o, out_layout),
                                   conv.conv2d_reference(x, wt, s))
     rq, pad = LUT_REQUANTS[1], (1, 2, 0, 1)
@@ -386,8 +390,8 @@ def test_conv2d_avx2_exact(case, out_layout):
     xp = np.pad(x, ((0, 0), (0, 0), (1, 0), (2, 1)), constant_values=value)
     acc = conv.conv2d_reference(xp, wt, s).astype(np.int32)
     ref = dense.epilogue_reference(acc, b, m0 >> 4, sh - 4, rq, axis=1, lut=table)
-    got = _run(ex, [x, conv.pack_conv_weight(wt), b, m0 >> 4, sh - 4, table], ref.shape,
-               rq.lut_dtype)
+    got = _run(ex, [x, conv.pack_conv_weight(wt, "avx2"), b, m0 >> 4, sh - 4, table],
+               ref.shape, rq.lut_dtype)
     np.testing.assert_array_equal(got, ref)
 
 
