@@ -27,7 +27,7 @@ from .config import QuantConfig, resolve_config
 from .passes.analysis import QuantPlan, plan_quantization
 from .passes.pipeline import canonicalize_pipeline, quantize_pipeline
 from .report import build_report
-from .targets import resolve_target
+from .targets import request_amx_permission, resolve_target
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ def build(
 
 def run(ex, inputs: Sequence[np.ndarray], device=None) -> list[np.ndarray]:
     """Run a compiled module's ``main`` on NumPy inputs; returns NumPy outputs."""
+    request_amx_permission()  # (a module built for AMX needs it; a no-op elsewhere)
     vm = relax.VirtualMachine(ex, device or tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs])
     return _flatten(out)

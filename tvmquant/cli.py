@@ -50,7 +50,13 @@ from .io import (
     json_dumps,
     load_calibration_npz,
 )
-from .targets import TARGETS, host_target, missing_host_features, resolve_target
+from .targets import (
+    TARGETS,
+    host_target,
+    missing_host_features,
+    request_amx_permission,
+    resolve_target,
+)
 from .tuning import RPCDevice, TuningError, records_database, tune
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -866,6 +872,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"library {args.library!r} does not exist")
     if args.output:
         _check_output_path(args.output, "output", [args.library, args.inputs or ""])
+    request_amx_permission()  # (a library built for AMX needs it; a no-op elsewhere)
     try:
         lib = tvm.runtime.load_module(str(args.library))
         vm = relax.VirtualMachine(lib, tvm.cpu())

@@ -16,6 +16,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .targets import request_amx_permission
+
 
 @dataclass
 class KernelTime:
@@ -39,6 +41,7 @@ def _shapes(args) -> list[tuple[tuple[int, ...], str]]:
 def profile_kernels(ex, inputs: Sequence[np.ndarray], *, repeat: int = 5,
                     device=None) -> list[KernelTime]:
     """Run ``main`` ``repeat`` times (after one warm-up); per-kernel times, largest first."""
+    request_amx_permission()
     vm = relax.VirtualMachine(ex, device or tvm.cpu())
     args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
     vm["main"](*args)

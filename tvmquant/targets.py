@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
+import sys
 from collections.abc import Mapping
 
 import tvm
@@ -82,3 +85,42 @@ def missing_host_features(target: tvm.target.Target) -> list[str]:
         return [f for f in VECTOR_FEATURES if has([f], target) and not has([f], host)]
     except Exception:  # another architecture, an LLVM without these names: no claim
         return []
+
+
+# ---------------------------------------------------------------------------------------------
+# AMX: the operating system's side
+# ---------------------------------------------------------------------------------------------
+_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = \
+    158, 0x1022, 0x1023, 18
+
+
+def cpu_has_amx() -> bool:
+    """Whether this machine's CPU reports AMX-INT8 (``/proc/cpuinfo``'s ``amx_int8``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+@functools.cache
+def request_amx_permission() -> bool:
+    """Ask Linux for the AMX tile state for this process, once; every thread, present and
+    future, gets it. A process must do this before its first tile instruction, or the
+    kernel stops it with ``SIGILL``: tvmquant does it where it builds or runs modules (its
+    kernels package on import, :func:`tvmquant.run`, ``tvmquant run``). True when granted;
+    False on other systems or CPUs."""
+    if not sys.platform.startswith("linux") or not cpu_has_amx():
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+            return False
+        mask = ctypes.c_uint64(0)
+        libc.syscall(_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, ctypes.byref(mask))
+        return bool(mask.value & (1 << _XFEATURE_XTILEDATA))
+    except (OSError, AttributeError):
+        return False

@@ -31,8 +31,8 @@
 Every kernel is checked bit-exact against NumPy in ``tests/schedules/``.
 """
 
+from ...targets import request_amx_permission
 from . import vnni_intrin  # noqa: F401  (registers the intrinsics)
-from .amx_intrin import request_amx_permission
 
 # the AMX kernels run in this process's threads: ask Linux for the tile state once, here
 # (a no-op on CPUs without AMX)

@@ -32,21 +32,19 @@ into :mod:`.amx_emulator` with the same operands, so the kernel's instruction st
 configuration, addresses, strides, tile numbers) runs and is checked on any CPU.
 
 On Linux a process must ask for the AMX register state before its first tile instruction:
-:func:`request_amx_permission` (tvmquant calls it on import where the CPU has AMX; a program
-that loads an exported library on its own calls it, or the kernel gets ``SIGILL``).
+:func:`tvmquant.targets.request_amx_permission` (tvmquant calls it where it builds or runs
+modules; a program that loads an exported library on its own calls it, or gets
+``SIGILL``).
 """
 
 from __future__ import annotations
-
-import ctypes
-import functools
-import sys
 
 import numpy as np
 from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from ...targets import cpu_has_amx, request_amx_permission  # noqa: F401  (re-exported)
 from . import amx_emulator
 
 #: Tile numbers: accumulators 0-3, the signed operand (weights) 4-5, the unsigned one 6-7.
@@ -306,39 +304,3 @@ def dense_intrin(k4: int, nb: int, mb: int, backend: str = "amx") -> str:
 
     TensorIntrin.register(name, desc, impl)
     return name
-
-
-# ---------------------------------------------------------------------------------------------
-# The operating system's side
-# ---------------------------------------------------------------------------------------------
-_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = \
-    158, 0x1022, 0x1023, 18
-
-
-def cpu_has_amx() -> bool:
-    """Whether this machine's CPU reports AMX-INT8 (``/proc/cpuinfo``'s ``amx_int8``)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_int8" in line.split()
-    except OSError:
-        pass
-    return False
-
-
-@functools.cache
-def request_amx_permission() -> bool:
-    """Ask Linux for the AMX tile state for this process (once; every thread, present and
-    future, gets it). True when granted; False on other systems or CPUs."""
-    if not sys.platform.startswith("linux") or not cpu_has_amx():
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
-            return False
-        mask = ctypes.c_uint64(0)
-        libc.syscall(_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, ctypes.byref(mask))
-        return bool(mask.value & (1 << _XFEATURE_XTILEDATA))
-    except (OSError, AttributeError):
-        return False
