@@ -119,6 +119,24 @@ def _config_words() -> list[int]:
     return [int(v) for v in np.frombuffer(tile_config(), "<i8")]
 
 
+_WORDS = _config_words()
+
+
+@T.macro
+def _configure_tiles(ops):
+    """``ldtilecfg`` of :func:`tile_config`'s 64 bytes, written to the stack as 8 words."""
+    cfg = T.alloc_buffer((8,), "int64", scope="local")
+    cfg[0] = T.int64(_WORDS[0])
+    cfg[1] = T.int64(_WORDS[1])
+    cfg[2] = T.int64(_WORDS[2])
+    cfg[3] = T.int64(_WORDS[3])
+    cfg[4] = T.int64(_WORDS[4])
+    cfg[5] = T.int64(_WORDS[5])
+    cfg[6] = T.int64(_WORDS[6])
+    cfg[7] = T.int64(_WORDS[7])
+    T.evaluate(ops.ldtilecfg(cfg.access_ptr("r")))
+
+
 def conv_row_intrin(c4: int, kh: int, kw: int, width: int, nb: int, mb: int,
                     backend: str = "amx") -> str:
     """Register (once) and name the intrinsic computing one output row (``width`` pixels, a
@@ -136,7 +154,6 @@ def conv_row_intrin(c4: int, kh: int, kw: int, width: int, nb: int, mb: int,
     ops = AmxOps(backend)
     oc, span, blocks = TILE_ROWS * nb, width + kw - 1, c4 // GROUPS
     steps = width // (TILE_ROWS * mb)
-    words = _config_words()
     sxc, sxh, swo, sco = (tirx.Var(v, "int32") for v in ("sxc", "sxh", "swo", "sco"))
     bytes_c = 4  # int32 accumulators
 
@@ -173,23 +190,15 @@ def conv_row_intrin(c4: int, kh: int, kw: int, width: int, nb: int, mb: int,
         with T.sblock("root"):
             T.reads(C[0:oc, 0:width], X[0:c4, 0:kh, 0:span, 0:4], W[0:oc, 0:kh, 0:kw, 0:c4, 0:4])
             T.writes(C[0:oc, 0:width])
-            cfg = T.alloc_buffer((8,), "int64", scope="local")
-            cfg[0] = T.int64(words[0])
-            cfg[1] = T.int64(words[1])
-            cfg[2] = T.int64(words[2])
-            cfg[3] = T.int64(words[3])
-            cfg[4] = T.int64(words[4])
-            cfg[5] = T.int64(words[5])
-            cfg[6] = T.int64(words[6])
-            cfg[7] = T.int64(words[7])
-            T.evaluate(ops.ldtilecfg(cfg.access_ptr("r")))
+            _configure_tiles(ops)
             for xo in range(steps):
                 for i in T.unroll(nb):
                     for j in T.unroll(mb):
-                      T.evaluate(ops.tileloadd(
-                        i * mb + j,
-                        C.access_ptr("r", offset=i * TILE_ROWS * sco + (xo * mb + j) * TILE_ROWS),
-                        sco * bytes_c))
+                        T.evaluate(ops.tileloadd(
+                            i * mb + j,
+                            C.access_ptr("r", offset=i * TILE_ROWS * sco
+                                         + (xo * mb + j) * TILE_ROWS),
+                            sco * bytes_c))
                 for rh, rw, cb in T.grid(kh, kw, blocks):
                     for i in T.unroll(nb):
                         T.evaluate(ops.tileloadd(
@@ -205,13 +214,15 @@ def conv_row_intrin(c4: int, kh: int, kw: int, width: int, nb: int, mb: int,
                             sxc))
                     for i in T.unroll(nb):
                         for j in T.unroll(mb):
-                          T.evaluate(ops.tdpbsud(i * mb + j, A_TILES[0] + i, B_TILES[0] + j))
+                            T.evaluate(ops.tdpbsud(i * mb + j, A_TILES[0] + i,
+                                                   B_TILES[0] + j))
                 for i in T.unroll(nb):
                     for j in T.unroll(mb):
-                      T.evaluate(ops.tilestored(
-                        i * mb + j,
-                        C.access_ptr("w", offset=i * TILE_ROWS * sco + (xo * mb + j) * TILE_ROWS),
-                        sco * bytes_c))
+                        T.evaluate(ops.tilestored(
+                            i * mb + j,
+                            C.access_ptr("w", offset=i * TILE_ROWS * sco
+                                         + (xo * mb + j) * TILE_ROWS),
+                            sco * bytes_c))
             T.evaluate(ops.tilerelease())
 
     TensorIntrin.register(name, desc, impl)
@@ -234,7 +245,6 @@ def dense_intrin(k4: int, nb: int, mb: int, backend: str = "amx") -> str:
         return name
     ops = AmxOps(backend)
     rows, kp, blocks = TILE_ROWS * mb, 4 * k4, k4 // GROUPS
-    words = _config_words()
     sa, sw, sc = (tirx.Var(v, "int32") for v in ("sa", "sw", "sc"))
 
     @T.prim_func(s_tir=True)
@@ -268,16 +278,7 @@ def dense_intrin(k4: int, nb: int, mb: int, backend: str = "amx") -> str:
         with T.sblock("root"):
             T.reads(C[0:rows, 0:nb, 0:16], A[0:rows, 0:kp], W[0:nb, 0:k4, 0:16, 0:4])
             T.writes(C[0:rows, 0:nb, 0:16])
-            cfg = T.alloc_buffer((8,), "int64", scope="local")
-            cfg[0] = T.int64(words[0])
-            cfg[1] = T.int64(words[1])
-            cfg[2] = T.int64(words[2])
-            cfg[3] = T.int64(words[3])
-            cfg[4] = T.int64(words[4])
-            cfg[5] = T.int64(words[5])
-            cfg[6] = T.int64(words[6])
-            cfg[7] = T.int64(words[7])
-            T.evaluate(ops.ldtilecfg(cfg.access_ptr("r")))
+            _configure_tiles(ops)
             for i in T.unroll(mb):
                 for j in T.unroll(nb):
                     T.evaluate(ops.tileloadd(
