@@ -40,16 +40,8 @@ from tvm.s_tir import Schedule
 
 from .amx_intrin import GROUPS, TILE_ROWS, conv_row_intrin
 from .int8_conv2d import check_pad, conv_output_size, relayout_nchw4c, schedule_relayout
-from .int8_conv2d_pixels import vectorize_row_epilogue
-from .int8_dense import (
-    KBLOCK,
-    Requant,
-    _ceil_to,
-    _epilogue_expr,
-    _epilogue_params,
-    _table_lookup,
-    default_target,
-)
+from .int8_conv2d_pixels import row_epilogue, vectorize_row_epilogue
+from .int8_dense import KBLOCK, Requant, _ceil_to, default_target
 
 #: Input channels in one tile's depth (16 groups of 4).
 DEPTH = GROUPS * KBLOCK
@@ -146,23 +138,8 @@ def int8_conv2d_amx_compute(
         name="acc",
     )
     params = [x, wt]
-    b_t, m0_t, sh_t, lut_t = _epilogue_params(o, bias, requant, params)
-
-    def chan(j):
-        return tirx.min(j, o - 1) if op != o else j
-
-    epi = te.compute(
-        (n, op, oh, owp),
-        lambda b, oc, y, xx: _epilogue_expr(acc[b, y, oc, xx], chan(oc), b_t, m0_t, sh_t,
-                                            requant),
-        name="epi",
-    )
-
-    def finish(v):
-        return _table_lookup(v, requant, lut_t) if lut_t is not None else v
-
-    out = te.compute((n, o, oh, ow), lambda b, oc, y, xx: finish(epi[b, oc, y, xx]),
-                     name="out")
+    out = row_epilogue(lambda b, oc, y, xx: acc[b, y, oc, xx], (n, op, oh, owp), o, ow,
+                       params, bias=bias, requant=requant)
     return te.create_prim_func([*params, out])
 
 

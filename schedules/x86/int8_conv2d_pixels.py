@@ -147,11 +147,27 @@ def int8_conv2d_pixels_compute(
         name="acc",
     )
     params = [x, wt]
+    out = row_epilogue(lambda b, oc, y, xx: acc[b, oc, y, xx], (n, op, oh, owp), o, ow,
+                       params, bias=bias, requant=requant)
+    return te.create_prim_func([*params, out])
+
+
+def row_epilogue(acc_at, shape, o: int, ow: int, params: list, *, bias: bool,
+                 requant: Requant | None) -> te.Tensor:
+    """Blocks ``epi`` (the requantization of ``acc_at(b, oc, y, xx)`` over the padded
+    ``shape = (n, o', oh, ow')``, the padded channels reading channel ``o - 1``'s parameters)
+    and ``out`` (``[n, o, oh, ow]``, through the lookup table if there is one) of a kernel
+    that finishes an ``NCHW`` output row at a time; appends the epilogue's parameters to
+    ``params``."""
+    n, op, oh, _ = shape
     b_t, m0_t, sh_t, lut_t = _epilogue_params(o, bias, requant, params)
 
+    def chan(j):
+        return tirx.min(j, o - 1) if op != o else j
+
     epi = te.compute(
-        (n, op, oh, owp),
-        lambda b, oc, y, xx: _epilogue_expr(acc[b, oc, y, xx], chan(oc), b_t, m0_t, sh_t,
+        shape,
+        lambda b, oc, y, xx: _epilogue_expr(acc_at(b, oc, y, xx), chan(oc), b_t, m0_t, sh_t,
                                             requant),
         name="epi",
     )
@@ -159,9 +175,8 @@ def int8_conv2d_pixels_compute(
     def finish(v):
         return _table_lookup(v, requant, lut_t) if lut_t is not None else v
 
-    out = te.compute((n, o, oh, ow), lambda b, oc, y, xx: finish(epi[b, oc, y, xx]),
-                     name="out")
-    return te.create_prim_func([*params, out])
+    return te.compute((n, o, oh, ow), lambda b, oc, y, xx: finish(epi[b, oc, y, xx]),
+                      name="out")
 
 
 def schedule_int8_conv2d_pixels(func: tirx.PrimFunc, *, mb: int, nb: int) -> tvm.IRModule:
