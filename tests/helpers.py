@@ -34,3 +34,24 @@ def run_module(mod: tvm.IRModule, *inputs: np.ndarray) -> np.ndarray:
     ex = tvm.compile(mod, tvm.target.Target({"kind": "llvm"}))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     return vm["main"](*[tvm.runtime.tensor(x) for x in inputs]).numpy()
+
+
+def conv_requant_chain(c: int, o: int, width: int, stride: int = 1, shift: int = 40):
+    """``main(x: u8[1, c, 6, width])``: conv2d(3x3, padding 1) + dyadic requantization to
+    uint8 (``>> shift``, rounded, zero point 7), as LowerToIntegerOnly writes it."""
+    rng = np.random.default_rng(o)
+
+    def body(bb, x):
+        y = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.integers(
+            -127, 128, (o, c, 3, 3)).astype("int8")), strides=stride, padding=1,
+            out_dtype="int32"))
+        y = bb.emit(relax.op.astype(y, "int64"))
+        y = bb.emit(relax.op.multiply(y, relax.const(
+            rng.integers(2**30, 2**31, (1, o, 1, 1)), "int64")))
+        y = bb.emit(relax.op.add(y, relax.const(1 << (shift - 1), "int64")))
+        y = bb.emit(relax.op.right_shift(y, relax.const(shift, "int64")))
+        y = bb.emit(relax.op.add(y, relax.const(7, "int64")))
+        y = bb.emit(relax.op.clip(y, 0, 255))
+        return bb.emit(relax.op.astype(y, "uint8"))
+
+    return one_input_module(body, (1, c, 6, width), "uint8")

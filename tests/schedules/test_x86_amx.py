@@ -16,6 +16,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import tvm
+from helpers import conv_requant_chain
 from tvm import relax
 from tvmquant.schedules.pipeline import fusion_phases
 from tvmquant.schedules.x86 import amx_emulator as emu
@@ -365,29 +366,6 @@ def test_amx_targets_and_pipeline():
         DispatchX86Int8(isa="amx", amx_backend="simulate")
 
 
-def _conv_chain(c: int, o: int, width: int, stride: int = 1):
-    """conv2d(3x3, padding 1) + dyadic requantization to uint8, as LowerToIntegerOnly
-    writes it."""
-    rng = np.random.default_rng(o)
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, c, 6, width), "uint8"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.integers(
-                -127, 128, (o, c, 3, 3)).astype("int8")), strides=stride, padding=1,
-                out_dtype="int32"))
-            y = bb.emit(relax.op.astype(y, "int64"))
-            y = bb.emit(relax.op.multiply(y, relax.const(
-                rng.integers(2**30, 2**31, (1, o, 1, 1)), "int64")))
-            y = bb.emit(relax.op.add(y, relax.const(1 << 40, "int64")))
-            y = bb.emit(relax.op.right_shift(y, relax.const(41, "int64")))
-            y = bb.emit(relax.op.add(y, relax.const(7, "int64")))
-            y = bb.emit(relax.op.clip(y, 0, 255))
-            out = bb.emit_output(bb.emit(relax.op.astype(y, "uint8")))
-        bb.emit_func_output(out)
-    return bb.get()
-
-
 def _packed_ndims(mod):
     return sorted(const_value(b.value.args[1].fields[1]).ndim
                   for b in mod["main"].body.blocks[0].bindings
@@ -400,7 +378,7 @@ def _packed_ndims(mod):
     (64, 24, 40, 2, False),  # stride 2: the VNNI kernels
 ])
 def test_dispatch_picks_amx_and_stays_exact(c, o, width, stride, on_amx):
-    mod = _conv_chain(c, o, width, stride)
+    mod = conv_requant_chain(c, o, width, stride, shift=41)
     after = DispatchX86Int8(isa="amx", amx_backend="emulate")(mod)
     relax.analysis.well_formed(after)
     assert _packed_ndims(after) == [5 if on_amx else 3 if stride == 1 else 4]

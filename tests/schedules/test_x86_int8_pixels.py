@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
+from helpers import conv_requant_chain
 from tvmquant.schedules.x86 import int8_conv2d as conv
 from tvmquant.schedules.x86 import int8_conv2d_pixels as px
 from tvmquant.schedules.x86 import int8_dense as dense
@@ -118,31 +119,6 @@ def test_conv_epilogue_exact(case, rq):
     np.testing.assert_array_equal(got, ref)
 
 
-def _conv_chain(o: int, width: int, stride: int = 1):
-    """pad-free conv2d(3x3, padding 1) + dyadic requantization to uint8, as LowerToIntegerOnly
-    writes it."""
-    from tvm import relax
-
-    rng = np.random.default_rng(o)
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 16, 6, width), "uint8"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.integers(
-                -127, 128, (o, 16, 3, 3)).astype("int8")), strides=stride, padding=1,
-                out_dtype="int32"))
-            y = bb.emit(relax.op.astype(y, "int64"))
-            y = bb.emit(relax.op.multiply(y, relax.const(
-                rng.integers(2**30, 2**31, (1, o, 1, 1)), "int64")))
-            y = bb.emit(relax.op.add(y, relax.const(1 << 39, "int64")))
-            y = bb.emit(relax.op.right_shift(y, relax.const(40, "int64")))
-            y = bb.emit(relax.op.add(y, relax.const(7, "int64")))
-            y = bb.emit(relax.op.clip(y, 0, 255))
-            out = bb.emit_output(bb.emit(relax.op.astype(y, "uint8")))
-        bb.emit_func_output(out)
-    return bb.get()
-
-
 @pytest.mark.parametrize("o,width,stride,kernel", [
     (24, 80, 1, "pixels"),   # wide rows, 24 channels: pixels on the lanes
     (32, 20, 1, "channels"),  # rows of 20 waste 37% of the pixel lanes
@@ -151,7 +127,7 @@ def _conv_chain(o: int, width: int, stride: int = 1):
 def test_dispatch_picks_the_kernel_and_stays_exact(o, width, stride, kernel):
     from tvm import relax
 
-    mod = _conv_chain(o, width, stride)
+    mod = conv_requant_chain(16, o, width, stride)
     after = DispatchX86Int8()(mod)
     relax.analysis.well_formed(after)
     call = next(b.value for b in after["main"].body.blocks[0].bindings
