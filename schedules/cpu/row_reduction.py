@@ -14,6 +14,20 @@ the whole tensor and vectorizes the row with a predicate, which LLVM then scalar
 every step of a row stays in L1/L2 while the row is processed. Steps read by a reduction
 are kept (the exponential is computed once per element); the others are inlined.
 
+A row of at least ``4 * lanes`` elements (rec's output softmax: 40 rows of 6625 classes)
+makes the serial ``max`` and ``sum`` latency-bound: each element waits for the previous
+one. There each reduction keeps ``lanes`` partial results instead (``rfactor``: a vector
+of maxima or sums over the row, its lanes combined at the end), and every step is a
+parallel loop over the rows of its own::
+
+    parallel for row: vectorized partial[lane] = max(partial[lane], x[row, 16 k + lane])
+    parallel for row: max = max over the 16 lanes
+    parallel for row: e = exp(x - max), vectorized      (and the sum likewise)
+    parallel for row: out = epilogue(e / sum), vectorized
+
+rec's 40 x 6625 softmax: 227 -> 124 us. The sum's order changes (16 interleaved partial
+sums): about 1e-6 relative.
+
 Vectorized ``exp`` needs :class:`tvm.relax.transform.FastMathTransform` (a polynomial
 ``fast_exp``): LLVM's ``exp`` on vectors is a call of ``expf`` per lane.
 """
@@ -52,8 +66,12 @@ class RowReduction(InPlaceRule):
             return False
 
         blocks = self._inline(sch, infos)
+        lanes = vector_lanes(target)
         last = blocks[-1]
         loops = sch.get_loops(last.block_rv)
+        if (extent(sch, loops[-1]) or 0) >= 4 * lanes:
+            self._reduce_in_partials(sch, blocks, lanes)
+            return True
         row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
         n_rows = 1
         for e in rows:
@@ -63,7 +81,6 @@ class RowReduction(InPlaceRule):
             sch.parallel(row)
         for info in reversed(blocks[:-1]):
             sch.compute_at(info.block_rv, row, preserve_unit_loops=True)
-        lanes = vector_lanes(target)
         for info in blocks:
             if info.dom_kind()[-1] == "S":
                 self._vectorize_row(sch, info.block_rv, lanes)
@@ -99,6 +116,34 @@ class RowReduction(InPlaceRule):
                 break
             remaining.pop()
         return remaining
+
+    @staticmethod
+    def _reduce_in_partials(sch: s_tir.Schedule, blocks: list, lanes: int) -> None:
+        """Long rows: each reduction in ``lanes`` partial results (``rfactor``), each step a
+        parallel loop over the rows (see the module docstring)."""
+        def rows_parallel(block):
+            loops = sch.get_loops(block)
+            rows = loops[:-1] if len(loops) > 1 else loops
+            row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+            if (extent(sch, row) or 1) > 1:
+                sch.parallel(row)
+
+        for info in blocks:
+            if info.is_injective():
+                rows_parallel(info.block_rv)
+                RowReduction._vectorize_row(sch, info.block_rv, lanes)
+                continue
+            # (the row's last partial vector reads past its end under a predicate: the
+            # split's, which rfactor keeps; the vectorized loop honours it)
+            _, k_in = sch.split(sch.get_loops(info.block_rv)[-1], [None, lanes])
+            partial = sch.rfactor(k_in, 0)
+            *rows, k_out, k_lane = sch.get_loops(partial)
+            row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+            if (extent(sch, row) or 1) > 1:
+                sch.parallel(row)
+            sch.vectorize(k_lane)
+            sch.decompose_reduction(partial, k_out)
+            rows_parallel(info.block_rv)
 
     @staticmethod
     def _vectorize_row(sch: s_tir.Schedule, block, lanes: int) -> None:

@@ -294,7 +294,9 @@ def test_injective_reads_an_upsampled_input_in_steps_of_the_factor():
 
 @pytest.mark.parametrize("fast_math", [False, True])
 def test_row_reduction_structure_softmax(fast_math):
-    mod = softmax_output()
+    """Rows shorter than 4 vectors: every step of a row computed inside one parallel loop
+    over the rows, the elementwise steps vectorized."""
+    mod = softmax_output(rows=400, length=50)
     if fast_math:
         mod = relax.transform.FastMathTransform()(mod)
     kernel = _kernel(_fused_kernels(mod), "fused_")
@@ -302,14 +304,32 @@ def test_row_reduction_structure_softmax(fast_math):
     assert SpatialReduction().apply(kernel, TARGET, False) is None  # two reductions
     func = RowReduction().apply(kernel, TARGET, False).mod["main"]
     loops = _loops(func)
-    assert loops[0].kind == tirx.ForKind.PARALLEL and int(loops[0].extent) == 40
+    assert loops[0].kind == tirx.ForKind.PARALLEL and int(loops[0].extent) == 400
+    assert sum(lp.kind == tirx.ForKind.PARALLEL for lp in loops) == 1
     vectorized = [lp for lp in loops if lp.kind == tirx.ForKind.VECTORIZED]
-    # the exponential and the normalized, quantized output: 661 = 41 x 16 + a tail of 5
+    # the exponential and the normalized, quantized output: 50 = 3 x 16 + a tail of 2
     assert len(vectorized) == 2 and all(int(lp.extent) == 16 for lp in vectorized)
     text = func.script()
-    assert text.count("T.int64(41)") == 2 and "partition" in text
+    assert text.count("T.int64(3)") == 2 and "partition" in text
     exp = "fast_exp" if fast_math else "T.exp("
     assert exp in text and text.count("T.sblock_alloc_buffer") == 3  # max, exp, sum
+
+
+def test_row_reduction_structure_long_rows_in_partials():
+    """Rows of 4 vectors or more (661 classes): max and sum each in 16 partial results
+    (a vector per row), every step a parallel loop over the 40 rows."""
+    kernel = _kernel(_fused_kernels(softmax_output()), "fused_")
+    func = RowReduction().apply(kernel, TARGET, False).mod["main"]
+    loops = _loops(func)
+    parallel = [lp for lp in loops if lp.kind == tirx.ForKind.PARALLEL]
+    # partial maxima, their combination, exp, partial sums, their combination, output
+    assert len(parallel) == 6 and all(int(lp.extent) == 40 for lp in parallel)
+    vectorized = [lp for lp in loops if lp.kind == tirx.ForKind.VECTORIZED]
+    assert len(vectorized) == 6 and all(int(lp.extent) == 16 for lp in vectorized)
+    text = func.script()
+    assert "T_softmax_maxelem_rf" in text and "T_softmax_expsum_rf" in text
+    assert text.count("T.where") == 2  # the partial vectors' predicate past 661
+    assert text.count("T.sblock_alloc_buffer") == 5  # max, exp, sum and two partials
 
 
 def test_row_reduction_leaves_alone_other_kernels():
