@@ -124,6 +124,8 @@ def schedule_int8_dense_amx(func: tirx.PrimFunc, *, mb: int, nb: int,
     sch.tensorize(ii, dense_intrin(int(sch.get(k4).extent), nb, mb, backend))
     sch.vectorize(sch.get_loops(init)[-1])
     cl = sch.get_loops(c)[-1]
+    # the epilogue vectorized along the block's columns, unless a lookup table follows (its
+    # 5th read, after acc, bias, m0, shift): a 16-lane gather is slower than 16 loads
     if int(sch.get(cl).extent) % LANES == 0 and len(sch.get(c).reads) <= 4:
         sch.vectorize(sch.split(cl, [None, LANES])[1])
     ap = sch.get_sblock("A_pad")
