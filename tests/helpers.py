@@ -36,6 +36,23 @@ def run_module(mod: tvm.IRModule, *inputs: np.ndarray) -> np.ndarray:
     return vm["main"](*[tvm.runtime.tensor(x) for x in inputs]).numpy()
 
 
+def emit_requant(bb, y, rng, channels: int, *, shift: int, zero_point: int, dtype: str,
+                 shape=None):
+    """The dyadic requantization chain LowerToIntegerOnly writes after an int32 sum ``y``:
+    ``astype(int64) -> multiply(m0) -> add(half) -> right_shift -> add(zp) -> clip ->
+    astype(dtype)``, with random per-channel ``m0`` in [2^30, 2^31) (``shape``: their
+    broadcast shape, ``(1, channels, 1, 1)`` by default)."""
+    info = np.iinfo(dtype)
+    y = bb.emit(relax.op.astype(y, "int64"))
+    y = bb.emit(relax.op.multiply(y, relax.const(
+        rng.integers(2**30, 2**31, shape or (1, channels, 1, 1)), "int64")))
+    y = bb.emit(relax.op.add(y, relax.const(1 << (shift - 1), "int64")))
+    y = bb.emit(relax.op.right_shift(y, relax.const(shift, "int64")))
+    y = bb.emit(relax.op.add(y, relax.const(zero_point, "int64")))
+    y = bb.emit(relax.op.clip(y, int(info.min), int(info.max)))
+    return bb.emit(relax.op.astype(y, dtype))
+
+
 def conv_requant_chain(c: int, o: int, width: int, stride: int = 1, shift: int = 40):
     """``main(x: u8[1, c, 6, width])``: conv2d(3x3, padding 1) + dyadic requantization to
     uint8 (``>> shift``, rounded, zero point 7), as LowerToIntegerOnly writes it."""
@@ -45,13 +62,6 @@ def conv_requant_chain(c: int, o: int, width: int, stride: int = 1, shift: int =
         y = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.integers(
             -127, 128, (o, c, 3, 3)).astype("int8")), strides=stride, padding=1,
             out_dtype="int32"))
-        y = bb.emit(relax.op.astype(y, "int64"))
-        y = bb.emit(relax.op.multiply(y, relax.const(
-            rng.integers(2**30, 2**31, (1, o, 1, 1)), "int64")))
-        y = bb.emit(relax.op.add(y, relax.const(1 << (shift - 1), "int64")))
-        y = bb.emit(relax.op.right_shift(y, relax.const(shift, "int64")))
-        y = bb.emit(relax.op.add(y, relax.const(7, "int64")))
-        y = bb.emit(relax.op.clip(y, 0, 255))
-        return bb.emit(relax.op.astype(y, "uint8"))
+        return emit_requant(bb, y, rng, o, shift=shift, zero_point=7, dtype="uint8")
 
     return one_input_module(body, (1, c, 6, width), "uint8")

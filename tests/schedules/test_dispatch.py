@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
+from helpers import emit_requant, one_input_module
 from tvm import relax
 from tvmquant.schedules.pipeline import fusion_phases
 from tvmquant.schedules.x86.dispatch import DispatchX86Int8, target_has_vnni, target_isa
@@ -206,26 +207,16 @@ def test_a_shared_pad_stays_for_its_other_users():
 def _upsample_head(o: int, requant_dtype: str):
     """conv2d_transpose(k=2, s=2) + dyadic requantization, as LowerToIntegerOnly writes it."""
     rng = np.random.default_rng(o)
-    lo, hi = (0, 255) if requant_dtype == "uint8" else (-32768, 32767)
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 24, 9, 13), "uint8"))
     w = rng.integers(-127, 128, (24, o, 2, 2)).astype("int8")
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d_transpose(x, relax.const(w), strides=2,
-                                                     out_dtype="int32"))
-            y = bb.emit(relax.op.add(y, relax.const(
-                rng.integers(-9999, 9999, (1, o, 1, 1)).astype("int32"))))
-            y = bb.emit(relax.op.astype(y, "int64"))
-            y = bb.emit(relax.op.multiply(y, relax.const(
-                rng.integers(2**30, 2**31, (1, o, 1, 1)), "int64")))
-            y = bb.emit(relax.op.add(y, relax.const(1 << 39, "int64")))
-            y = bb.emit(relax.op.right_shift(y, relax.const(40, "int64")))
-            y = bb.emit(relax.op.add(y, relax.const(5, "int64")))
-            y = bb.emit(relax.op.clip(y, lo, hi))
-            out = bb.emit_output(bb.emit(relax.op.astype(y, requant_dtype)))
-        bb.emit_func_output(out)
-    return bb.get()
+
+    def body(bb, x):
+        y = bb.emit(relax.op.nn.conv2d_transpose(x, relax.const(w), strides=2,
+                                                 out_dtype="int32"))
+        y = bb.emit(relax.op.add(y, relax.const(
+            rng.integers(-9999, 9999, (1, o, 1, 1)).astype("int32"))))
+        return emit_requant(bb, y, rng, o, shift=40, zero_point=5, dtype=requant_dtype)
+
+    return one_input_module(body, (1, 24, 9, 13), "uint8")
 
 
 @pytest.mark.parametrize("o,dtype", [(24, "uint8"), (1, "int16"), (5, "uint8")])
@@ -271,33 +262,24 @@ def _grouped_chain(groups: int, c: int, o: int, table: bool):
     """pad(zero point) -> grouped conv2d -> requantization (to uint8, or to int16 and a
     lookup table), as LowerToIntegerOnly writes them."""
     rng = np.random.default_rng(groups)
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, c, 9, 13), "uint8"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            p = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 1, 1, 1, 1], pad_value=17.0))
-            y = bb.emit(relax.op.nn.conv2d(p, relax.const(rng.integers(
-                -127, 128, (o, c // groups, 3, 3)).astype("int8")), groups=groups,
-                out_dtype="int32"))
-            y = bb.emit(relax.op.add(y, relax.const(
-                rng.integers(-9999, 9999, (1, o, 1, 1)).astype("int32"))))
-            y = bb.emit(relax.op.astype(y, "int64"))
-            y = bb.emit(relax.op.multiply(y, relax.const(
-                rng.integers(2**30, 2**31, (1, o, 1, 1)), "int64")))
-            y = bb.emit(relax.op.add(y, relax.const(1 << 36, "int64")))
-            y = bb.emit(relax.op.right_shift(y, relax.const(37, "int64")))
-            y = bb.emit(relax.op.add(y, relax.const(-5 if table else 7, "int64")))
-            lo, hi, dt = (-32768, 32767, "int16") if table else (0, 255, "uint8")
-            y = bb.emit(relax.op.clip(y, lo, hi))
-            y = bb.emit(relax.op.astype(y, dt))
-            if table:
-                y = bb.emit(relax.op.astype(y, "int32"))
-                y = bb.emit(relax.op.subtract(y, relax.const(-32768, "int32")))
-                y = bb.emit(relax.op.take(relax.const(rng.integers(
-                    0, 256, 65536).astype("uint8")), y, axis=0, mode="clip"))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    return bb.get()
+
+    def body(bb, x):
+        p = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 1, 1, 1, 1], pad_value=17.0))
+        y = bb.emit(relax.op.nn.conv2d(p, relax.const(rng.integers(
+            -127, 128, (o, c // groups, 3, 3)).astype("int8")), groups=groups,
+            out_dtype="int32"))
+        y = bb.emit(relax.op.add(y, relax.const(
+            rng.integers(-9999, 9999, (1, o, 1, 1)).astype("int32"))))
+        y = emit_requant(bb, y, rng, o, shift=37, zero_point=-5 if table else 7,
+                         dtype="int16" if table else "uint8")
+        if table:
+            y = bb.emit(relax.op.astype(y, "int32"))
+            y = bb.emit(relax.op.subtract(y, relax.const(-32768, "int32")))
+            y = bb.emit(relax.op.take(relax.const(rng.integers(
+                0, 256, 65536).astype("uint8")), y, axis=0, mode="clip"))
+        return y
+
+    return one_input_module(body, (1, c, 9, 13), "uint8")
 
 
 @pytest.mark.parametrize("groups,c,o,table", [(2, 16, 24, False), (4, 32, 8, True)])

@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import tvm
-from helpers import conv_requant_chain
+from helpers import conv_requant_chain, emit_requant
 from tvm import relax
 from tvmquant.schedules.pipeline import fusion_phases
 from tvmquant.schedules.x86 import amx_emulator as emu
@@ -206,17 +206,24 @@ def test_conv_exact_emulated_any_register_tile(mb, nb):
     np.testing.assert_array_equal(got, ref)
 
 
-def _epilogue_case(rq, rng):
-    case = CASES[0]
-    w, o = case[3], case[4]
-    x, wt = _operands(case, rng)
-    bias = rng.integers(-(2**20), 2**20, o).astype(np.int32)
-    d = dyadic(rng.uniform(1e-5, 3e-3, o))
+def _epilogue_operands(rng, channels: int, rq):
+    """Random bias, dyadic ``m0``/``shift`` spreading the sums over the output range, and a
+    lookup table where ``rq`` has one."""
+    bias = rng.integers(-(2**20), 2**20, channels).astype(np.int32)
+    d = dyadic(rng.uniform(1e-5, 3e-3, channels))
     m0, sh = d.m0.astype(np.int32), d.shift.astype(np.int32) - 4
     table = None
     if rq.lut_size:
         info = np.iinfo(rq.lut_dtype)
         table = rng.integers(info.min, int(info.max) + 1, rq.lut_size).astype(rq.lut_dtype)
+    return bias, m0, sh, table
+
+
+def _epilogue_case(rq, rng):
+    case = CASES[0]
+    w, o = case[3], case[4]
+    x, wt = _operands(case, rng)
+    bias, m0, sh, table = _epilogue_operands(rng, o, rq)
     xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
     acc = conv.conv2d_reference(xp, wt, 1).astype(np.int32)
     ref = dense.epilogue_reference(acc, bias, m0, sh, rq, axis=1, lut=table)
@@ -315,13 +322,7 @@ def _dense_case(case, rng):
     args = [a, damx.pack_weight_amx(w, "NK", nb)]
     if rq is None:
         return args, acc
-    bias = rng.integers(-(2**20), 2**20, n).astype(np.int32)
-    d = dyadic(rng.uniform(1e-5, 3e-3, n))
-    m0, sh = d.m0.astype(np.int32), d.shift.astype(np.int32) - 4
-    table = None
-    if rq.lut_size:
-        info = np.iinfo(rq.lut_dtype)
-        table = rng.integers(info.min, int(info.max) + 1, rq.lut_size).astype(rq.lut_dtype)
+    bias, m0, sh, table = _epilogue_operands(rng, n, rq)
     args += [bias, m0, sh] + ([table] if table is not None else [])
     return args, dense.epilogue_reference(acc, bias, m0, sh, rq, axis=1, lut=table)
 
@@ -404,14 +405,8 @@ def test_dispatch_puts_a_matmul_on_amx_and_stays_exact():
                 -127, 128, (120, 96)).astype("int8")), out_dtype="int32"))
             y = bb.emit(relax.op.add(y, relax.const(
                 rng.integers(-9999, 9999, (96,)).astype("int32"))))
-            y = bb.emit(relax.op.astype(y, "int64"))
-            y = bb.emit(relax.op.multiply(y, relax.const(
-                rng.integers(2**30, 2**31, (96,)), "int64")))
-            y = bb.emit(relax.op.add(y, relax.const(1 << 40, "int64")))
-            y = bb.emit(relax.op.right_shift(y, relax.const(41, "int64")))
-            y = bb.emit(relax.op.add(y, relax.const(-3, "int64")))
-            y = bb.emit(relax.op.clip(y, -128, 127))
-            out = bb.emit_output(bb.emit(relax.op.astype(y, "int8")))
+            out = bb.emit_output(emit_requant(bb, y, rng, 96, shift=41, zero_point=-3,
+                                              dtype="int8", shape=(96,)))
         bb.emit_func_output(out)
     mod = bb.get()
     after = DispatchX86Int8(isa="amx", amx_backend="emulate")(mod)
