@@ -17,7 +17,13 @@ Rules (each keyed by the op that produces the value a ``quantize`` consumes)
   output channel; fused ReLU/ReLU6/clip become the clamp bounds.
 - requantize (``quantize(dequantize(q))``): identity when the grids agree, dyadic otherwise.
 - add / multiply of two quantized tensors: both operands rescaled dyadically to a common shift.
-- unary elementwise regions (hard-swish, sigmoid, ...): a lookup table over the input's codes.
+- unary elementwise regions (hard-swish, sigmoid, ...): a lookup table over the input's codes;
+  on 16-bit codes, a region of the form ``c * (a1 x + b1) * clip(a2 x + b2, l, h) + d``
+  (hard-swish, also scaled and shifted as PP-OCRv4's learnable affine blocks do) is integer
+  arithmetic instead, ``(q + x_off) * clip(q + g_off, g_lo, g_hi) + p_off`` requantized
+  dyadically, all in int32 (:func:`~tvmquant.numerics.integer_gate`), kept only where it is
+  within one step of the table on every code and equal to it on 99% of them (a 64 Ki-entry
+  table costs a gather per value; the gate is a few vector instructions).
 - movement ops (reshape, transpose, max-pool, ...): applied to the integer codes.
 - per-group weights (``multiply(astype(codes), scale)``): one partial sum per group from a
   grouped convolution / batched matmul, combined with 15-bit integer group weights in int64.
@@ -33,7 +39,7 @@ accumulator: that is the output dequantize.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
@@ -41,13 +47,15 @@ from tvm import relax
 
 from .._compat import Constant, const_value, dtype_of, static_shape
 from ..numerics import dequantize as np_dequantize
-from ..numerics import dyadic
+from ..numerics import dyadic, integer_gate
 from ..numerics import quantize as np_quantize
 from .analysis import emit_like, is_movement
 
 FALLBACK_ATTR = "tvmquant.float_fallbacks"
 INTEGER_ATTR = "tvmquant.integer_only"
 
+GATE_BITS = 15  # precision of an integer gate's product and multiplier (int32 arithmetic)
+GATE_MISMATCH = 0.01  # most codes an integer gate may put one step off its table
 GROUP_BITS = 15  # precision of the integer per-group weights (relative to the largest scale)
 MAX_GROUPS = 256
 
@@ -63,6 +71,123 @@ _NP_UNARY = {
     "relax.nn.relu": lambda x: np.maximum(x, 0),
     "relax.nn.silu": lambda x: x / (1.0 + np.exp(-x)),
 }
+
+
+@dataclass(frozen=True)
+class _Affine:
+    """``a * x + b`` of the region's input ``x``."""
+
+    a: float
+    b: float
+
+
+@dataclass(frozen=True)
+class _Gated:
+    """``c * (a1 x + b1) * clip(a2 x + b2, lo, hi) + d``; ``a1 = 0, b1 = 1``: a clipped
+    line."""
+
+    c: float
+    a1: float
+    b1: float
+    a2: float
+    b2: float
+    lo: float
+    hi: float
+    d: float = 0.0
+
+
+def _gate_form(prod_of, source, expr):
+    """``expr`` as :class:`_Affine` or :class:`_Gated` of the dequantized ``source`` (found by
+    ``source(expr)``, constants by ``_scalar``; ``prod_of`` gives an expression's producer),
+    or None when it is neither (sigmoid, products of two clips, ...)."""
+    if source(expr):
+        return _Affine(1.0, 0.0)
+    c = _scalar(expr)
+    if c is not None:
+        return _Affine(0.0, float(c))
+    prod = prod_of(expr)
+    if prod is None or not isinstance(prod.op, tvm.ir.Op):
+        return None
+    name = prod.op.name
+    if name == "relax.clip" or name == "relax.nn.relu":
+        inner = _gate_form(prod_of, source, prod.args[0])
+        if not isinstance(inner, _Affine) or inner.a == 0:
+            return None
+        lo, hi = (float(prod.args[1].value), float(prod.args[2].value)) \
+            if name == "relax.clip" else (0.0, np.inf)
+        return _Gated(1.0, 0.0, 1.0, inner.a, inner.b, lo, hi)
+    if name not in ("relax.add", "relax.subtract", "relax.multiply", "relax.divide") or \
+            len(prod.args) != 2:
+        return None
+    u, v = (_gate_form(prod_of, source, a) for a in prod.args)
+    if u is None or v is None:
+        return None
+    if name in ("relax.add", "relax.subtract"):
+        sign = 1.0 if name == "relax.add" else -1.0
+        if isinstance(u, _Affine) and isinstance(v, _Affine):
+            return _Affine(u.a + sign * v.a, u.b + sign * v.b)
+        if isinstance(v, _Affine) and v.a == 0:  # a gate plus a constant
+            return replace(u, d=u.d + sign * v.b)
+        if isinstance(u, _Affine) and u.a == 0 and sign > 0:
+            return replace(v, d=v.d + u.b)
+        return None
+    if name == "relax.divide":
+        if not (isinstance(v, _Affine) and v.a == 0 and v.b != 0):
+            return None
+        v = _Affine(0.0, 1.0 / v.b)
+    const = [w for w in (u, v) if isinstance(w, _Affine) and w.a == 0]
+    if const:  # scaling by a constant
+        k = const[0].b
+        w = v if const[0] is u else u
+        if isinstance(w, _Affine):
+            return _Affine(k * w.a, k * w.b)
+        return replace(w, c=k * w.c, d=k * w.d)
+    line = [w for w in (u, v) if isinstance(w, _Affine)]
+    gate = [w for w in (u, v) if isinstance(w, _Gated) and w.a1 == 0 and w.d == 0]
+    if len(line) == 1 and len(gate) == 1:  # a line times a clipped line
+        g, ln = gate[0], line[0]
+        return _Gated(g.c * g.b1, ln.a, ln.b, g.a2, g.b2, g.lo, g.hi)
+    return None
+
+
+def _integer_gate_params(g: _Gated, sx: float, zx: int, qlo: int, qhi: int, s: float):
+    """Integer parameters (:data:`~tvmquant.numerics.GATE_PARAMS` but the zero point, then
+    what ``g``'s constant term adds to it) of ``g`` on codes ``q`` in ``[qlo, qhi]`` of
+    scale ``sx`` and zero point ``zx``, quantized to scale ``s``; None when it has none (a
+    constant factor, a product past int32)."""
+    c, a1, b1, a2, b2, lo, hi = g.c, g.a1, g.b1, g.a2, g.b2, g.lo, g.hi
+    if a1 == 0 or a2 == 0:
+        return None
+    if a1 < 0:
+        c, a1, b1 = -c, -a1, -b1
+    if a2 < 0:  # clip(a2 x + b2, lo, hi) = -clip(-a2 x - b2, -hi, -lo)
+        c, a2, b2, lo, hi = -c, -a2, -b2, -hi, -lo
+    ratio = c * a1 * a2 * sx * sx / s  # of one unit of the product; negative: m0 < 0
+    if not np.isfinite(ratio) or ratio == 0 or not np.isfinite(g.d):
+        return None
+    # a1 x + b1 = a1 sx (q + x_off); a2 x + b2 = a2 sx (q + g_off), clipped in those units
+    x_off = round(b1 / (a1 * sx)) - zx
+    g_off = round(b2 / (a2 * sx)) - zx
+    g_lo = max(qlo + g_off, round(lo / (a2 * sx)) if np.isfinite(lo) else qlo + g_off)
+    g_hi = min(qhi + g_off, round(hi / (a2 * sx)) if np.isfinite(hi) else qhi + g_off)
+    if g_lo > g_hi:
+        return None
+    # the constant term: whole output steps join the zero point, the rest the product
+    z_off = round(g.d / s)
+    p_off = round((g.d / s - z_off) / ratio)
+    bound = max(abs(qlo + x_off), abs(qhi + x_off)) * max(abs(g_lo), abs(g_hi)) + abs(p_off)
+    # int32 throughout: the product, rounded to GATE_BITS bits, times a GATE_BITS-bit m0
+    pre_shift = max(0, int(bound).bit_length() - GATE_BITS)
+    scaled = abs(ratio) * 2.0**pre_shift
+    shift = GATE_BITS - 1 - int(np.floor(np.log2(scaled)))
+    m0 = round(scaled * 2.0**shift)
+    if m0 >= 2**GATE_BITS:
+        m0, shift = m0 >> 1, shift - 1
+    if pre_shift:
+        p_off += 1 << (pre_shift - 1)  # (rounds the pre-shift)
+    if not 1 <= shift <= 30 or bound + 2 * (1 << pre_shift) >= 2**31:
+        return None  # (room for the pre-shift's rounding and a nudge of p_off)
+    return [x_off, g_off, g_lo, g_hi, p_off, pre_shift, m0 if ratio > 0 else -m0, shift, z_off]
 
 
 @dataclass
@@ -101,8 +226,9 @@ def _channel_shape(ndim: int, axis: int, n: int) -> list[int]:
 
 @relax.expr_functor.mutator
 class _LowerMutator(relax.PyExprMutator):
-    def __init__(self, mod):
+    def __init__(self, mod, integer_gates: bool = True):
         super().__init__(mod)
+        self.integer_gates = integer_gates
         self.accs: dict = {}  # new float var (rescaled accumulator) -> _Acc
         self.fallbacks: list[str] = []
 
@@ -619,10 +745,57 @@ class _LowerMutator(relax.PyExprMutator):
             return None
         table = np_quantize(np.broadcast_to(ys, xs.shape), np.float32(s), np.int32(z),
                            qmin, qmax).astype(out_dtype)
+        if src.dtype == "int16" and self.integer_gates:
+            gated = self._integer_gate(y, src, codes, table, s, z, qmin, qmax, out_dtype)
+            if gated is not None:
+                return gated
         idx = self.emit(relax.op.astype(src.codes, "int32"))
         if lo:
             idx = self.emit(relax.op.subtract(idx, self._const(lo, "int32")))
         return self.emit(relax.op.take(relax.const(table, out_dtype), idx, axis=0, mode="clip"))
+
+    def _integer_gate(self, y, src: _QTensor, codes, table, s, z, qmin, qmax, out_dtype):
+        """The region ``y`` as an integer gate (see the module docstring), if it has that
+        form and matches ``table`` (over ``codes``) within one step everywhere."""
+        form = _gate_form(self._producer,
+                          lambda e: (q := self._as_dequantized(e)) is not None and
+                          q.codes.same_as(src.codes), y)
+        if not isinstance(form, _Gated):
+            return None
+        params = _integer_gate_params(form, float(np.float32(src.scale)), src.zp,
+                                      int(codes[0]), int(codes[-1]), float(np.float32(s)))
+        if params is None:
+            return None
+        *params, z_off = params
+        # A constant term half an output step from a whole one (a rounding tie) rounds as
+        # the float32 table's value falls: nudged by one unit of the pre-shifted product
+        # either way, the gate takes the table's side of the tie.
+        want = table.astype(np.int32)
+        step = 1 << params[5]
+        best = None
+        for nudge in (0, -step, step):
+            trial = [*params[:4], params[4] + nudge, *params[5:]]
+            got = integer_gate(codes, [*trial, z + z_off], qmin, qmax)
+            if np.max(np.abs(got - want)) <= 1 and \
+                    (best is None or np.mean(got != want) < best[0]):
+                best = (np.mean(got != want), trial)
+        if best is None or best[0] > GATE_MISMATCH:
+            return None
+        params = best[1]
+        x_off, g_off, g_lo, g_hi, p_off, pre_shift, m0, shift = params
+        x = self.emit(relax.op.astype(src.codes, "int32"))
+        x1 = self.emit(relax.op.add(x, self._const(x_off, "int32")))
+        g = self.emit(relax.op.add(x, self._const(g_off, "int32")))
+        g = self.emit(relax.op.clip(g, g_lo, g_hi))
+        p = self.emit(relax.op.multiply(x1, g))
+        p = self.emit(relax.op.add(p, self._const(p_off, "int32")))
+        p = self.emit(relax.op.right_shift(p, self._const(pre_shift, "int32")))
+        p = self.emit(relax.op.multiply(p, self._const(m0, "int32")))
+        p = self.emit(relax.op.add(p, self._const(1 << (shift - 1), "int32")))
+        p = self.emit(relax.op.right_shift(p, self._const(shift, "int32")))
+        p = self.emit(relax.op.add(p, self._const(z + z_off, "int32")))
+        p = self.emit(relax.op.clip(p, qmin, qmax))
+        return self.emit(relax.op.astype(p, out_dtype))
 
     # -- visitor ----------------------------------------------------------------------------
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -718,20 +891,24 @@ class LowerToIntegerOnly:
     ----------
     func_name : str
         The Relax function to lower.
+    integer_gates : bool
+        Lower hard-swish-like regions on 16-bit codes to integer gates (see the module
+        docstring); False keeps them lookup tables.
 
     The lowered function carries the attributes ``tvmquant.integer_only`` and
     ``tvmquant.float_fallbacks`` (the quantized tensors whose producer stayed in float, with
     the reason).
     """
 
-    def __init__(self, func_name: str = "main"):
+    def __init__(self, func_name: str = "main", integer_gates: bool = True):
         self.func_name = func_name
+        self.integer_gates = integer_gates
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         func = mod[self.func_name]
         if not _has_quantize(func):
             return mod  # nothing simulated: leave the module alone
-        mutator = _LowerMutator(mod)
+        mutator = _LowerMutator(mod, self.integer_gates)
         new_func = mutator.visit_expr(func)
         new_func = new_func.with_attr(INTEGER_ATTR, True)
         new_func = new_func.with_attr(FALLBACK_ATTR, list(mutator.fallbacks))

@@ -48,7 +48,8 @@ def quantize_pipeline(config: QuantConfig, ranges: dict | None = None,
     """
     passes = [InsertFakeQuant(config, ranges)]  # phase 2: simulate
     if integer_only:
-        passes += [LowerToIntegerOnly(), relax.transform.FoldConstant()]  # phase 3: lower
+        passes += [LowerToIntegerOnly(integer_gates=config.integer_gates),
+                   relax.transform.FoldConstant()]  # phase 3: lower
     return tvm.transform.Sequential(passes, name="tvmquant.Quantize")
 
 

@@ -65,3 +65,33 @@ def conv_requant_chain(c: int, o: int, width: int, stride: int = 1, shift: int =
         return emit_requant(bb, y, rng, o, shift=shift, zero_point=7, dtype="uint8")
 
     return one_input_module(body, (1, c, 6, width), "uint8")
+
+
+def random_gate(rng, out_dtype: str = "uint8") -> np.ndarray:
+    """Parameters of an integer gate (``tvmquant.numerics.GATE_PARAMS``) as LowerToIntegerOnly
+    makes them for a hard-swish on 16-bit codes: the product stays in int32, and the largest
+    outputs reach about twice the range of ``out_dtype`` (negative ``m0`` for int8 only)."""
+    g_off = int(rng.integers(2000, 20000))
+    g_hi = 2 * g_off + int(rng.integers(-50, 50))
+    bound = (32768 + 100) * g_hi + 2**20
+    pre_shift = max(0, bound.bit_length() - 15)
+    m0 = int(rng.integers(2**14, 2**15))
+    if out_dtype == "int8" and rng.integers(2):
+        m0 = -m0
+    shift = ((bound >> pre_shift) * abs(m0)).bit_length() - 9
+    return np.array([int(rng.integers(-100, 100)), g_off, 0, g_hi,
+                     int(rng.integers(-2**20, 2**20)) + (1 << (pre_shift - 1)), pre_shift,
+                     m0, shift, int(rng.integers(-20, 20))], np.int32)
+
+
+def epilogue_operand(rng, rq) -> np.ndarray | None:
+    """The kernel's last epilogue input for ``rq`` (an ``int8_dense.Requant``): a random
+    lookup table of its size, an integer gate's parameters, or None."""
+    if rq is None:
+        return None
+    if rq.lut_size:
+        info = np.iinfo(rq.lut_dtype)
+        return rng.integers(info.min, int(info.max) + 1, rq.lut_size).astype(rq.lut_dtype)
+    if rq.gate is not None:
+        return random_gate(rng, rq.gate.out_dtype)
+    return None

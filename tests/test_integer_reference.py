@@ -6,6 +6,8 @@ it). The reference re-derives every integer step from the calibrated ranges and 
 weights with NumPy: it does not look at the lowered graph.
 """
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -215,7 +217,9 @@ def test_layer_errors_point_at_the_damaged_layer():
 
 
 def test_lookup_table_inputs_are_16_bit():
-    """A tensor only a LUT activation reads (here: before hard-swish) gets an int16 grid."""
+    """A tensor only a LUT activation reads (here: before hard-swish) gets an int16 grid,
+    and the hard-swish over it is the integer gate: a product of its codes and their clip,
+    no table."""
     from dataclasses import replace
 
     from tvmquant.testing import random_inputs, small_convnet
@@ -232,11 +236,20 @@ def test_lookup_table_inputs_are_16_bit():
             tables.append(tuple(int(d) for d in e.args[0].ty.shape))
 
     relax.analysis.post_order_visit(q.mod["main"], visit)
-    assert (65536,) in tables
+    assert tables == []
+    text = q.mod["main"].script()
+    gate = re.search(r'R.Tensor\(\(1, 8, 6, 6\), dtype="int32"\) = R.multiply\(lv\d+, (lv\d+)\)',
+                     text)
+    assert gate and re.search(gate.group(1) + r': .* = R.clip\(', text)
     assert q.report["lowering_fallbacks"] == []
     x = random_inputs(1, seed=3)[0]["x"]
     fq, it = run_module(q.fake_quant_mod, x), run_module(q.mod, x)
     assert np.linalg.norm(fq - it) / np.linalg.norm(fq) < 0.01
+    tabled = tvmquant.quantize(small_convnet(), calib, replace(q.config, integer_gates=False),
+                               progress=False)
+    tables.clear()
+    relax.analysis.post_order_visit(tabled.mod["main"], visit)
+    assert tables == [(65536,)]  # integer_gates=False: the hard-swish stays a table
     q8 = tvmquant.quantize(small_convnet(), calib, replace(q.config, lut_input_bits=8),
                            progress=False)
     assert {t["name"]: t["dtype"] for t in q8.report["tensors"]}["conv2d_2"] == "uint8"

@@ -190,3 +190,27 @@ def requantize(
     sh = _expand(d.shift, acc.ndim, axis)
     y = rounding_right_shift(acc * m0, sh) + np.int64(out_zero_point)
     return np.clip(y, qmin, qmax).astype(np.int32)
+
+
+#: Entries of an integer gate's parameter vector (see :func:`integer_gate`).
+GATE_PARAMS = ("x_off", "g_off", "g_lo", "g_hi", "p_off", "pre_shift", "m0", "shift",
+               "zero_point")
+
+
+def integer_gate(q: np.ndarray, params, qmin: int, qmax: int) -> np.ndarray:
+    """Reference of the integer gate that replaces a hard-swish lookup table.
+
+    ``p = (q + x_off) * clip(q + g_off, g_lo, g_hi) + p_off``, then
+    ``clip(z + round_half_up((p >> pre_shift) * m0 / 2^shift), qmin, qmax)`` (``p_off``
+    holds the pre-shift's rounding; ``m0`` may be negative), ``params`` in the order of
+    :data:`GATE_PARAMS`. Every step fits int32 for the parameters ``LowerToIntegerOnly``
+    makes (computed here in int64). It is ``c * (a1 x + b1) * clip(a2 x + b2, l, h) + d``
+    of the real value ``x`` of the codes ``q`` (hard-swish: ``x * clip(x + 3, 0, 6) / 6``),
+    quantized to the output grid.
+    """
+    x_off, g_off, g_lo, g_hi, p_off, pre_shift, m0, shift, z = \
+        (int(v) for v in np.asarray(params).reshape(-1))
+    q = np.asarray(q, np.int64)
+    p = (q + x_off) * np.clip(q + g_off, g_lo, g_hi) + p_off
+    y = rounding_right_shift((p >> pre_shift) * m0, np.int64(shift)) + np.int64(z)
+    return np.clip(y, qmin, qmax).astype(np.int32)

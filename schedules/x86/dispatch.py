@@ -14,9 +14,10 @@ table follows it: with its tables on that kernel too, rec and det measured 2% an
 slower, cls 2.5% faster (the table lookups there are per channel row, as in the
 channel-lane kernel, and the kernels' own gains do not make up for them). Two neighbours join the
 kernel too: a 16-bit lookup table after the chain (``astype(int32) -> subtract(c) ->
-take(const table, mode="clip")``, the integer hard-swish, sigmoid, ...) runs in the epilogue,
-and a constant spatial ``nn.pad`` before a convolution runs in the kernel's input re-layout,
-so neither costs a pass over memory of its own. A depthwise convolution runs on
+take(const table, mode="clip")``, sigmoid, ...) or the integer gate of hard-swish
+(``astype(int32)``, ``(x + x_off) * clip(x + g_off, ..)``, then a requantization) runs in
+the epilogue, and a constant spatial ``nn.pad`` before a convolution runs in the kernel's
+input re-layout, so neither costs a pass over memory of its own. A depthwise convolution runs on
 :mod:`.int8_depthwise_conv2d` (its pad, widened to what that kernel reads, stays one
 ``nn.pad`` before it). An anchor whose int32 sum the graph dequantizes instead
 (an integer layer that only float layers read: a mixed-precision boundary, a model's last
@@ -49,7 +50,7 @@ from ...passes.analysis import emit_like, function_bindings
 from .int8_conv2d import conv_output_size, int8_conv2d, pack_conv_weight
 from .int8_conv2d_amx import amx_tiles, int8_conv2d_amx, pack_conv_weight_amx, prefer_amx
 from .int8_conv2d_pixels import int8_conv2d_pixels, pack_conv_weight_pixels, prefer_pixels
-from .int8_dense import Requant, int8_dense, kernel_for_relax, pack_weight
+from .int8_dense import Gate, Requant, int8_dense, kernel_for_relax, pack_weight
 from .int8_dense_amx import amx_dense_tiles, int8_dense_amx, pack_weight_amx, prefer_amx_dense
 from .int8_depthwise_conv2d import (
     depthwise_input_size,
@@ -119,6 +120,7 @@ class _Match:
         self.requant = requant
         self.out_var = out_var
         self.lut: np.ndarray | None = None
+        """The kernel's last epilogue input: a lookup table, or an integer gate's parameters."""
         self.pad: tuple[tuple[int, int, int, int], int, relax.Expr] | None = None
         """``((top, left, bottom, right), value, unpadded input)`` of a pad before a conv."""
 
@@ -152,6 +154,60 @@ def _lookup_table(m: _Match, next_of, value: dict) -> None:
     m.requant = Requant(r.zero_point, r.lo, r.hi, r.out_dtype, lut_size=int(table.size),
                         lut_offset=-int(c.reshape(())), lut_dtype=str(table.dtype))
     m.lut, m.out_var = table, take
+
+
+def _integer_gate(m: _Match, users, value: dict) -> None:
+    """Extend ``m`` (an int16 result) with the integer gate ``LowerToIntegerOnly`` writes
+    for hard-swish, in int32: ``x = astype(int32)``, ``(x + x_off) * clip(x + g_off, g_lo,
+    g_hi)``, then ``+ p_off``, ``>> pre_shift``, ``* m0``, ``+ half``, ``>> shift``,
+    ``+ zero point``, ``clip``, ``astype``."""
+
+    def only(v, name):
+        us = users.get(v, [])
+        return us[0] if len(us) == 1 and _op(value[us[0]], name) else None
+
+    def scalar(expr):
+        c = _const(expr)
+        return int(c.reshape(())) if c is not None and c.size == 1 and \
+            c.dtype == np.int32 else None
+
+    x = only(m.out_var, "relax.astype")
+    if x is None or str(value[x].attrs.dtype) != "int32":
+        return
+    adds = users.get(x, [])
+    if len(adds) != 2 or not all(_op(value[a], "relax.add") and value[a].args[0].same_as(x)
+                                 for a in adds):
+        return
+    clip = [only(a, "relax.clip") for a in adds]
+    if (clip[0] is None) == (clip[1] is None):
+        return
+    x1, g = (adds[0], adds[1]) if clip[1] is not None else (adds[1], adds[0])
+    clip = clip[0] or clip[1]
+    prod = only(clip, "relax.multiply")
+    if prod is None or users.get(x1) != [prod] or \
+            not (value[prod].args[0].same_as(x1) and value[prod].args[1].same_as(clip)):
+        return
+    chain, cur = [], prod
+    for name in ("relax.add", "relax.right_shift", "relax.multiply", "relax.add",
+                 "relax.right_shift", "relax.add", "relax.clip", "relax.astype"):
+        cur = only(cur, name)
+        if cur is None or not value[cur].args[0].same_as(chain[-1] if chain else prod):
+            return
+        chain.append(cur)
+    add_p, pre, mul, half, shr, addz, out_clip, cast = (value[v] for v in chain)
+    params = [scalar(value[x1].args[1]), scalar(value[g].args[1]),
+              int(value[clip].args[1].value), int(value[clip].args[2].value),
+              scalar(add_p.args[1]), scalar(pre.args[1]), scalar(mul.args[1]),
+              scalar(shr.args[1]), scalar(addz.args[1])]
+    if any(p is None for p in params) or not 1 <= params[7] <= 30 or \
+            scalar(half.args[1]) != 1 << (params[7] - 1) or not 0 <= params[5] <= 30 or \
+            str(cast.attrs.dtype) not in ("uint8", "int8"):
+        return
+    r = m.requant
+    gate = Gate(str(cast.attrs.dtype), int(out_clip.args[1].value),
+                int(out_clip.args[2].value))
+    m.requant = Requant(r.zero_point, r.lo, r.hi, r.out_dtype, gate=gate)
+    m.lut, m.out_var = np.asarray(params, np.int32), chain[-1]
 
 
 def _spatial_pad(call) -> tuple[tuple[int, int, int, int], int] | None:
@@ -241,6 +297,7 @@ def _match_chains(func: relax.Function, *, lut: bool = False) -> dict[relax.Var,
                            int(clip.args[2].value), str(cast.attrs.dtype)), chain[-1])
         if lut and m.requant.out_dtype == "int16":  # (a requantized chain here)
             _lookup_table(m, next_of, value)
+            _integer_gate(m, users, value)
         if lut and _op(call, "relax.nn.conv2d") and isinstance(call.args[0], relax.Var):
             producer = value.get(call.args[0])
             pad = _spatial_pad(producer) if producer is not None else None

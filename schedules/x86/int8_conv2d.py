@@ -63,6 +63,7 @@ from .int8_dense import (
     _isa_intrin,
     _table_lookup,
     default_target,
+    split_activation,
 )
 
 
@@ -293,16 +294,20 @@ def int8_conv2d_compute(
     # A lookup table is applied by the ``out`` block, after the transpose: one channel plane
     # at a time, its indices cluster in the table (2.5x faster than 16 channels per vector
     # on small layers, where the 64 KiB table does not stay in L1).
-    epi_dtype = requant.out_dtype if requant is not None else "int32"
+    # (an integer gate runs here, on the accumulator's vectors)
+    now, later = split_activation(requant, lut_t)
+    epi_dtype = "int32" if requant is None else \
+        requant.result_dtype if now is not None else requant.out_dtype
 
     def epilogue(b, y, xx, oc):
-        v = _epilogue_expr(acc[b, y, xx, oc], tirx.min(oc, o - 1), b_t, m0_t, sh_t, requant)
+        v = _epilogue_expr(acc[b, y, xx, oc], tirx.min(oc, o - 1), b_t, m0_t, sh_t, requant,
+                           now)
         if o % LANES:
             v = tirx.Select(oc < o, v, tirx.const(0, epi_dtype))
         return v
 
     def finish(v):
-        return _table_lookup(v, requant, lut_t) if lut_t is not None else v
+        return _table_lookup(v, requant, later) if later is not None else v
 
     epi = te.compute((n, oh, owp, opp), epilogue, name="epi")
     if out_layout == "NCHW":

@@ -52,6 +52,7 @@ from .int8_dense import (
     _epilogue_params,
     _table_lookup,
     default_target,
+    split_activation,
 )
 from .vnni_intrin import PIXELS_INTRIN
 
@@ -155,12 +156,14 @@ def int8_conv2d_pixels_compute(
 def row_epilogue(acc_at, shape, o: int, ow: int, params: list, *, bias: bool,
                  requant: Requant | None) -> te.Tensor:
     """Blocks ``epi`` (the requantization of ``acc_at(b, oc, y, xx)`` over the padded
-    ``shape = (n, o', oh, ow')``, the padded channels reading channel ``o - 1``'s parameters)
-    and ``out`` (``[n, o, oh, ow]``, through the lookup table if there is one) of a kernel
+    ``shape = (n, o', oh, ow')``, the padded channels reading channel ``o - 1``'s parameters,
+    and the integer gate if there is one) and ``out`` (``[n, o, oh, ow]``, through the lookup
+    table if there is one) of a kernel
     that finishes an ``NCHW`` output row at a time; appends the epilogue's parameters to
     ``params``."""
     n, op, oh, _ = shape
     b_t, m0_t, sh_t, lut_t = _epilogue_params(o, bias, requant, params)
+    now, later = split_activation(requant, lut_t)  # (a gate runs on the row's vectors)
 
     def chan(j):
         return tirx.min(j, o - 1) if op != o else j
@@ -168,12 +171,12 @@ def row_epilogue(acc_at, shape, o: int, ow: int, params: list, *, bias: bool,
     epi = te.compute(
         shape,
         lambda b, oc, y, xx: _epilogue_expr(acc_at(b, oc, y, xx), chan(oc), b_t, m0_t, sh_t,
-                                            requant),
+                                            requant, now),
         name="epi",
     )
 
     def finish(v):
-        return _table_lookup(v, requant, lut_t) if lut_t is not None else v
+        return _table_lookup(v, requant, later) if later is not None else v
 
     return te.compute((n, o, oh, ow), lambda b, oc, y, xx: finish(epi[b, oc, y, xx]),
                       name="out")

@@ -14,12 +14,16 @@ Computes ``C[M, N] = epilogue(A[M, K] @ W^T)`` with
       y   = (int64(acc) * m0[n] + (shift[n] > 0 ? 1 << (shift[n] - 1) : 0)) >> shift[n]
       out = cast(clip(y + zero_point, lo, hi), out_dtype)   (uint8, int8 or int16)
       out = lut[clip(out + lut_offset, 0, lut_size - 1)]    (optional: a lookup table)
+      out = integer_gate(out, gate)                         (or optional: an integer gate)
 
-PrimFunc parameters, in order: ``A, W, [bias], [m0, shift], [lut], C`` (``bias``, ``m0`` and
-``shift`` are int32 ``[N]``; ``zero_point``, ``lo``, ``hi`` are compile-time constants; the
-lookup table, when :class:`Requant` has one, is a 1-D input of ``lut_size`` values: the
-16-bit lookup tables of hard-swish, sigmoid, ... that ``LowerToIntegerOnly`` makes, applied
-in the epilogue instead of as a separate gather over an int16 tensor).
+PrimFunc parameters, in order: ``A, W, [bias], [m0, shift], [lut | gate], C`` (``bias``,
+``m0`` and ``shift`` are int32 ``[N]``; ``zero_point``, ``lo``, ``hi`` are compile-time
+constants; the lookup table, when :class:`Requant` has one, is a 1-D input of ``lut_size``
+values: the 16-bit lookup tables of sigmoid, ... that ``LowerToIntegerOnly`` makes, applied
+in the epilogue instead of as a separate gather over an int16 tensor. An integer gate
+(:class:`Gate`, hard-swish in integers: :func:`tvmquant.numerics.integer_gate`) takes its
+parameters as an int32 input of :data:`GATE_SIZE` values, in the order of
+:data:`tvmquant.numerics.GATE_PARAMS`, so that layers of one shape share a kernel.)
 
 Schedule: output tiles of ``mb`` rows x ``nb * 16`` columns, accumulated in registers
 (``mb * nb`` zmm accumulators), tiles spread over the cores with a parallel outer loop, full
@@ -43,7 +47,7 @@ import tvm
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from tvmquant.numerics import Dyadic, requantize
+from tvmquant.numerics import GATE_PARAMS, Dyadic, integer_gate, requantize
 
 from .vnni_intrin import AVX2_INTRIN, AVX2_LANES, DOT_K, VNNI_INTRIN, VNNI_LANES
 
@@ -95,6 +99,26 @@ def unpack_weight(packed: np.ndarray, n: int, k: int) -> np.ndarray:
     return packed.transpose(0, 2, 1, 3).reshape(nb * lanes, kb * kblk)[:n, :k]
 
 
+GATE_SIZE = len(GATE_PARAMS)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Compile-time part of an integer gate after the requantization: the output's dtype
+    and clamp (its other parameters are an input, see the module docstring)."""
+
+    out_dtype: str = "uint8"
+    lo: int = 0
+    hi: int = 255
+
+    def __post_init__(self):
+        if self.out_dtype not in ("uint8", "int8"):
+            raise ValueError(f"a gate writes uint8 or int8, got {self.out_dtype}")
+        info = np.iinfo(self.out_dtype)
+        if not (info.min <= self.lo <= self.hi <= info.max):
+            raise ValueError(f"gate clamp [{self.lo}, {self.hi}] outside {self.out_dtype}")
+
+
 @dataclass(frozen=True)
 class Requant:
     """Compile-time part of the fused dyadic requantization (``m0``, ``shift`` are inputs)."""
@@ -108,6 +132,8 @@ class Requant:
     lut_offset: int = 0
     """Added to the clamped value to index the table (indices are then clipped to it)."""
     lut_dtype: str = "uint8"
+    gate: Gate | None = None
+    """An integer gate applied after the clamp (None: none)."""
 
     def __post_init__(self):
         if self.out_dtype not in ("uint8", "int8", "int16"):
@@ -118,11 +144,21 @@ class Requant:
         if self.lut_size < 0 or (self.lut_size and self.lut_dtype not in ("uint8", "int8")):
             raise ValueError(f"lookup table of {self.lut_size} {self.lut_dtype} values: "
                              "need a positive size and uint8 or int8 values")
+        if self.lut_size and self.gate is not None:
+            raise ValueError("a lookup table or a gate, not both")
 
     @property
     def result_dtype(self) -> str:
-        """The kernel's output dtype: the table's with a lookup table, else ``out_dtype``."""
+        """The kernel's output dtype: the table's with a lookup table, the gate's with a
+        gate, else ``out_dtype``."""
+        if self.gate is not None:
+            return self.gate.out_dtype
         return self.lut_dtype if self.lut_size else self.out_dtype
+
+    @property
+    def has_activation(self) -> bool:
+        """Whether a lookup table or a gate follows the requantization."""
+        return bool(self.lut_size) or self.gate is not None
 
 
 def epilogue_reference(
@@ -135,7 +171,7 @@ def epilogue_reference(
     lut: np.ndarray | None = None,
 ) -> np.ndarray:
     """NumPy reference of the fused epilogue on int32 accumulators (channels on ``axis``);
-    ``lut`` is the lookup table when ``requant`` has one."""
+    ``lut`` is the lookup table, or the gate's parameters, when ``requant`` has one."""
     acc = np.asarray(acc, dtype=np.int32)
     shape = [1] * acc.ndim
     shape[axis] = -1
@@ -152,12 +188,18 @@ def epilogue_reference(
             raise ValueError(f"need a lookup table of {requant.lut_size} values")
         idx = np.clip(y.astype(np.int64) + requant.lut_offset, 0, requant.lut_size - 1)
         y = np.asarray(lut)[idx].astype(requant.lut_dtype)
+    elif requant.gate is not None:
+        if lut is None or np.shape(lut) != (GATE_SIZE,):
+            raise ValueError(f"need the gate's {GATE_SIZE} parameters")
+        g = requant.gate
+        y = integer_gate(y, lut, g.lo, g.hi).astype(g.out_dtype)
     return y
 
 
 def _epilogue_params(n: int, bias: bool, requant: Requant | None, params: list):
-    """The epilogue's inputs (int32 ``[n]`` ``bias``, ``m0``, ``shift`` and the lookup table;
-    ``None`` when not used), appended to ``params`` in the kernels' parameter order."""
+    """The epilogue's inputs (int32 ``[n]`` ``bias``, ``m0``, ``shift`` and the lookup table
+    or the gate's parameters; ``None`` when not used), appended to ``params`` in the kernels'
+    parameter order."""
     b_t = m0_t = sh_t = lut_t = None
     if bias:
         b_t = te.placeholder((n,), "int32", name="bias")
@@ -169,7 +211,19 @@ def _epilogue_params(n: int, bias: bool, requant: Requant | None, params: list):
         if requant.lut_size:
             lut_t = te.placeholder((requant.lut_size,), requant.lut_dtype, name="lut")
             params.append(lut_t)
+        elif requant.gate is not None:
+            lut_t = te.placeholder((GATE_SIZE,), "int32", name="gate")
+            params.append(lut_t)
     return b_t, m0_t, sh_t, lut_t
+
+
+def split_activation(requant: Requant | None, act):
+    """``(now, later)``: a kernel that transposes its output looks a table up after the
+    transpose (``later``), in channel-plane order, but computes a gate on the accumulator's
+    vectors (``now``)."""
+    if requant is not None and requant.gate is not None:
+        return act, None
+    return None, act
 
 
 def _epilogue_expr(x, n, bias, m0, shift, requant: Requant | None, lut=None):
@@ -191,8 +245,23 @@ def _epilogue_expr(x, n, bias, m0, shift, requant: Requant | None, lut=None):
     return _table_lookup(y, requant, lut)
 
 
+def _integer_gate(y, gate: Gate, params):
+    """The gate (:func:`tvmquant.numerics.integer_gate`) on a clamped value ``y``, in int32
+    (its ``shift`` is at least 1, as ``LowerToIntegerOnly`` and the dispatcher make sure)."""
+    y = y.astype("int32")
+    prod = (y + params[0]) * tirx.max(tirx.min(y + params[1], params[3]), params[2]) + params[4]
+    one = tirx.const(1, "int32")
+    r = tirx.shift_right(tirx.shift_right(prod, params[5]) * params[6]
+                         + tirx.shift_left(one, params[7] - one), params[7]) + params[8]
+    r = tirx.max(tirx.min(r, tirx.const(gate.hi, "int32")), tirx.const(gate.lo, "int32"))
+    return r.astype(gate.out_dtype)
+
+
 def _table_lookup(y, requant: Requant, lut):
-    """``lut[clip(y + offset)]`` for a clamped value ``y`` of ``requant``'s range."""
+    """``lut[clip(y + offset)]`` for a clamped value ``y`` of ``requant``'s range, or the
+    integer gate of ``y`` when ``requant`` has one (``lut`` then holds its parameters)."""
+    if requant.gate is not None:
+        return _integer_gate(y, requant.gate, lut)
     # the table's index in int32; clipped only where the clamp range can leave the table
     idx = y.astype("int32") + tirx.const(requant.lut_offset, "int32")
     if requant.lo + requant.lut_offset < 0:

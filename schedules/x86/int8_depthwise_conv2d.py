@@ -48,7 +48,6 @@ from .int8_dense import (
     _ceil_to,
     _epilogue_expr,
     _epilogue_params,
-    _table_lookup,
     default_target,
 )
 from .vnni_intrin import window_intrin
@@ -155,8 +154,7 @@ def int8_depthwise_conv2d_compute(
     b_t, m0_t, sh_t, lut_t = _epilogue_params(c, bias, requant, params)
 
     def epilogue(b, ch, y, xx):
-        v = _epilogue_expr(acc[b, ch, y, xx], ch, b_t, m0_t, sh_t, requant)
-        return _table_lookup(v, requant, lut_t) if lut_t is not None else v
+        return _epilogue_expr(acc[b, ch, y, xx], ch, b_t, m0_t, sh_t, requant, lut_t)
 
     out = te.compute((n, c, oh, ow), epilogue, name="out")
     return te.create_prim_func([*params, out])

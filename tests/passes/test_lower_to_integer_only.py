@@ -1,6 +1,7 @@
 """LowerToIntegerOnly: structure (Before/Expected), fallbacks, and integer numerics."""
 
 import numpy as np
+import pytest
 import tvm
 from helpers import one_input_module, run_module, run_pass
 from tvm import relax
@@ -145,6 +146,117 @@ def test_hard_swish_becomes_a_lookup_table():
     ref = np.clip(np.rint(xs * np.clip(xs + 3, 0, 6) / 6 / np.float32(so)) + zo, 0, 255)
     assert np.max(np.abs(got.astype(int) - ref)) <= 1
     assert [str(s) for s in after["main"].attrs[FALLBACK_ATTR]] == []
+
+
+def _hswish(bb, d, scale=None, shift=None):
+    """Hard-swish as TVM's ONNX importer writes it, then optionally ``* scale + shift`` (the
+    learnable affine blocks of PP-OCRv4)."""
+    h = bb.emit(relax.op.add(d, _c(3.0, "float32")))
+    h = bb.emit(relax.op.clip(h, 0, 6))
+    h = bb.emit(relax.op.divide(h, _c(6.0, "float32")))
+    h = bb.emit(relax.op.multiply(d, h))
+    if scale is not None:
+        h = bb.emit(relax.op.multiply(_c(scale, "float32"), h))
+        h = bb.emit(relax.op.add(h, _c(shift, "float32")))
+    return h
+
+
+def _hswish_on_int16(sx, so, zo, scale=None, shift=None):
+    def before(bb, x):
+        d = bb.emit(relax.op.dequantize(x, _c(sx, "float32"), _c(0, "int32")))
+        return relax.op.quantize(_hswish(bb, d, scale, shift), _c(so, "float32"),
+                                 _c(zo, "int32"), out_dtype="uint8")
+
+    return _qdq_function(before, "int16", shape=(1, 65536))
+
+
+ALL_INT16 = np.arange(-32768, 32768).astype("int16").reshape(1, -1)
+
+
+def test_hard_swish_on_16_bit_codes_becomes_an_integer_gate():
+    """Scales that are powers of two make the gate's parameters easy to derive by hand."""
+    sx, so, zo = 2.0**-12, 2.0**-5, 10
+
+    def expected(bb, x):
+        # x = q / 4096: x + 3 = (q + 12288) / 4096, clipped to [0, 24576] / 4096; the product
+        # q * g (below 32768 * 24576 < 2^30) is rounded to 15 bits (>> 15, + 2^14 first);
+        # its unit is 2^15 / 4096^2 / 6 / 2^-5 = 2^-4 / 6 = 21845.33 / 2^21
+        v = bb.emit(relax.op.astype(x, "int32"))
+        x1 = bb.emit(relax.op.add(v, _c(0, "int32")))
+        g = bb.emit(relax.op.add(v, _c(12288, "int32")))
+        g = bb.emit(relax.op.clip(g, 0, 24576))
+        p = bb.emit(relax.op.multiply(x1, g))
+        p = bb.emit(relax.op.add(p, _c(1 << 14, "int32")))
+        p = bb.emit(relax.op.right_shift(p, _c(15, "int32")))
+        p = bb.emit(relax.op.multiply(p, _c(21845, "int32")))
+        p = bb.emit(relax.op.add(p, _c(1 << 20, "int32")))
+        p = bb.emit(relax.op.right_shift(p, _c(21, "int32")))
+        p = bb.emit(relax.op.add(p, _c(zo, "int32")))
+        p = bb.emit(relax.op.clip(p, 0, 255))
+        return bb.emit(relax.op.astype(p, "uint8"))
+
+    after = run_pass(LowerToIntegerOnly(), _hswish_on_int16(sx, so, zo))
+    tvm.ir.assert_structural_equal(
+        after, _with_attrs(_qdq_function(expected, "int16", shape=(1, 65536))))
+
+
+@pytest.mark.parametrize("sx,so,zo,scale,shift", [
+    (20 / 32767, 0.04, 20, None, None),  # a pre-activation range of +-20
+    (7.5 / 32767, 0.013, 3, None, None),
+    (12 / 32767, 0.05, 200, -0.8, 1.5),  # a learnable affine block with a negative scale
+    (30 / 32767, 0.1, 30, 1.3, -0.27),
+], ids=["hswish", "hswish-narrow", "affine-negative", "affine"])
+def test_integer_gate_is_within_one_step_of_the_float_activation(sx, so, zo, scale, shift):
+    """On every one of the 65536 codes, against the float activation quantized to the
+    output grid."""
+    after = run_pass(LowerToIntegerOnly(), _hswish_on_int16(sx, so, zo, scale, shift))
+    text = after.script()
+    assert "R.take" not in text and "float32" not in text.split("def main")[1]
+    got = run_module(after, ALL_INT16).astype(int)
+    xs = ALL_INT16.astype(np.float64) * np.float32(sx)
+    ys = xs * np.clip(xs + 3, 0, 6) / 6
+    if scale is not None:
+        ys = scale * ys + shift
+    ref = np.clip(np.rint(ys / np.float32(so)) + zo, 0, 255)
+    assert len(np.unique(got)) > 100  # (the output grid is really used)
+    diff = np.abs(got - ref)
+    assert diff.max() <= 1 and np.mean(diff) < 0.01
+
+
+def test_tiny_pre_activation_range_keeps_its_table():
+    """A range of +-0.5 puts the clip's bounds past 2^15 codes: the product would leave
+    int32, so the region stays a lookup table (still exact to the float activation)."""
+    after = run_pass(LowerToIntegerOnly(), _hswish_on_int16(0.5 / 32767, 0.003, 100))
+    assert "R.take" in after.script()
+    got = run_module(after, ALL_INT16).astype(int)
+    xs = ALL_INT16.astype(np.float32) * np.float32(0.5 / 32767)
+    ref = np.clip(np.rint(xs * np.clip(xs + 3, 0, 6) / 6 / np.float32(0.003)) + 100, 0, 255)
+    assert np.max(np.abs(got - ref)) <= 1
+
+
+def test_a_constant_term_on_a_rounding_tie_rounds_as_the_table():
+    """``- 0.25 / 0.1`` is half an output step: on the flat part of hard-swish (45% of the
+    codes) the gate must round that tie as the float32 table does (a nudge of its constant
+    term), not half up."""
+    sx, so, zo = 30 / 32767, 0.1, 30
+    after = run_pass(LowerToIntegerOnly(), _hswish_on_int16(sx, so, zo, 1.3, -0.25))
+    assert "R.take" not in after.script()
+    got = run_module(after, ALL_INT16).astype(int)
+    xs = ALL_INT16.astype(np.float32) * np.float32(sx)  # the table's own float32 arithmetic
+    ys = np.float32(1.3) * (xs * (np.clip(xs + np.float32(3), 0, 6) / np.float32(6))) \
+        + np.float32(-0.25)
+    table = np.clip(np.rint(ys / np.float32(so)) + zo, 0, 255)
+    assert np.max(np.abs(got - table)) <= 1 and np.mean(got != table) < 0.01
+
+
+def test_sigmoid_on_16_bit_codes_keeps_its_table():
+    def before(bb, x):
+        d = bb.emit(relax.op.dequantize(x, _c(8 / 32767, "float32"), _c(0, "int32")))
+        y = bb.emit(relax.op.sigmoid(d))
+        return relax.op.quantize(y, _c(1 / 255, "float32"), _c(0, "int32"), out_dtype="uint8")
+
+    after = run_pass(LowerToIntegerOnly(), _qdq_function(before, "int16", shape=(1, 64)))
+    assert "R.take" in after.script()
 
 
 def test_leaves_alone_float_module():

@@ -1,5 +1,6 @@
 """DispatchX86Int8: integer-only graphs onto the VNNI kernels, bit-exact with the default ones."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +312,56 @@ def test_grouped_conv_choice(groups, c, on_kernels):
     after = DispatchX86Int8()(_grouped_chain(groups, c, c, False))
     assert ("R.nn.conv2d" not in after["main"].script()) == on_kernels
     assert _call_tir_count(after) == (groups if on_kernels else 0)
+
+
+def _hswish_convnet():
+    """conv 3x3 (8 -> 24 on rows of 80: the pixel-lane kernel) -> hard-swish -> depthwise
+    3x3 at stride 2 -> hard-swish -> conv 1x1 (24 -> 32 on rows of 40: the channel-lane
+    kernel) -> hard-swish -> conv 1x1 (a float output), in float."""
+    rng = np.random.default_rng(5)
+
+    def conv(bb, y, o, c, k, **kw):
+        w = rng.normal(0, 2 / np.sqrt(c * k * k), (o, c, k, k)).astype("float32")
+        y = bb.emit(relax.op.nn.conv2d(y, relax.const(w), **kw))
+        return bb.emit(relax.op.add(y, relax.const(
+            rng.normal(0, 0.3, (1, o, 1, 1)).astype("float32"))))
+
+    def hswish(bb, y):
+        h = bb.emit(relax.op.add(y, relax.const(3.0)))
+        h = bb.emit(relax.op.clip(h, 0, 6))
+        h = bb.emit(relax.op.divide(h, relax.const(6.0)))
+        return bb.emit(relax.op.multiply(y, h))
+
+    def body(bb, x):
+        y = hswish(bb, conv(bb, x, 24, 8, 3, padding=1))
+        y = hswish(bb, conv(bb, y, 24, 1, 3, padding=1, strides=(2, 2), groups=24))
+        y = hswish(bb, conv(bb, y, 32, 24, 1))
+        return conv(bb, y, 16, 32, 1)
+
+    return one_input_module(body, (1, 8, 10, 80))
+
+
+def test_integer_hard_swish_joins_each_kernel():
+    """A float model's hard-swishes, lowered to integer gates, run in the epilogues of the
+    pixel-lane, depthwise and channel-lane kernels, bit-exact with the default kernels."""
+    samples = [{"x": np.random.default_rng(s).normal(0, 1, (1, 8, 10, 80)).astype("float32")}
+               for s in range(4)]
+    q = tvmquant.quantize(_hswish_convnet(), samples, "int8", progress=False)
+    lowered = q.mod["main"].script()
+    assert "R.take" not in lowered and len(re.findall(r'astype\([^)]*"int16"', lowered)) == 3
+    after = DispatchX86Int8()(q.mod)
+    relax.analysis.well_formed(after)
+    text = after["main"].script()
+    assert _call_tir_count(after) == 4 and "int16" not in text and "R.clip" not in text
+    kernels = {gv.name_hint: after[gv] for gv in after.get_global_vars()
+               if gv.name_hint != "main"}
+    gates = [f for f in kernels.values() if any(p.name == "gate" for p in f.params)]
+    assert len(gates) == 3
+    if not _cpu_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI (avx512_vnni not in /proc/cpuinfo)")
+    vm_a = relax.VirtualMachine(tvm.compile(after, TARGET), tvm.cpu())
+    vm_b = relax.VirtualMachine(tvm.compile(q.mod, TARGET), tvm.cpu())
+    for seed in (7, 8):
+        x = tvm.runtime.tensor(np.random.default_rng(seed).normal(0, 1.5, (1, 8, 10, 80))
+                               .astype("float32"))
+        np.testing.assert_array_equal(vm_a["main"](x).numpy(), vm_b["main"](x).numpy())

@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import tvm
-from helpers import conv_requant_chain, emit_requant
+from helpers import conv_requant_chain, emit_requant, epilogue_operand
 from tvm import relax
 from tvmquant.schedules.pipeline import fusion_phases
 from tvmquant.schedules.x86 import amx_emulator as emu
@@ -208,15 +208,11 @@ def test_conv_exact_emulated_any_register_tile(mb, nb):
 
 def _epilogue_operands(rng, channels: int, rq):
     """Random bias, dyadic ``m0``/``shift`` spreading the sums over the output range, and a
-    lookup table where ``rq`` has one."""
+    lookup table or gate where ``rq`` has one."""
     bias = rng.integers(-(2**20), 2**20, channels).astype(np.int32)
     d = dyadic(rng.uniform(1e-5, 3e-3, channels))
     m0, sh = d.m0.astype(np.int32), d.shift.astype(np.int32) - 4
-    table = None
-    if rq.lut_size:
-        info = np.iinfo(rq.lut_dtype)
-        table = rng.integers(info.min, int(info.max) + 1, rq.lut_size).astype(rq.lut_dtype)
-    return bias, m0, sh, table
+    return bias, m0, sh, epilogue_operand(rng, rq)
 
 
 def _epilogue_case(rq, rng):
@@ -237,10 +233,12 @@ REQUANTS = [
     dense.Requant(3, 0, 255, "uint8"),
     dense.Requant(-5, -100, 90, "int8"),
     dense.Requant(-40, -300, 500, "int16", lut_size=301, lut_offset=-50, lut_dtype="int8"),
+    dense.Requant(-40, -300, 500, "int16", gate=dense.Gate("int8", -100, 90)),
 ]
+REQUANT_IDS = ["u8", "i8-clamp", "lut-i8-301", "gate-i8-clamp"]
 
 
-@pytest.mark.parametrize("rq", REQUANTS, ids=["u8", "i8-clamp", "lut-i8-301"])
+@pytest.mark.parametrize("rq", REQUANTS, ids=REQUANT_IDS)
 def test_conv_epilogue_exact_emulated(rq):
     case, args, ref = _epilogue_case(rq, np.random.default_rng())
     ex = _build(case, bias=True, requant=rq)
@@ -277,7 +275,7 @@ def test_conv_exact_on_amx(case):
     np.testing.assert_array_equal(got, ref)
 
 
-@pytest.mark.parametrize("rq", REQUANTS[1:], ids=["i8-clamp", "lut-i8-301"])
+@pytest.mark.parametrize("rq", REQUANTS[1:], ids=REQUANT_IDS[1:])
 def test_conv_epilogue_exact_on_amx(rq):
     _need_amx()
     case, args, ref = _epilogue_case(rq, np.random.default_rng())
@@ -309,6 +307,8 @@ DENSE_CASES = [
     (40, 96, 120, dense.Requant(3, 0, 255, "uint8")),
     (64, 64, 128, dense.Requant(-40, -300, 500, "int16", lut_size=301, lut_offset=-50,
                                 lut_dtype="int8")),  # 2 x 2 tiles, a lookup table
+    (20, 40, 64, dense.Requant(-3000, -32768, 32767, "int16",
+                               gate=dense.Gate("uint8", 0, 255))),  # an integer gate
 ]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import epilogue_operand
 from tvmquant.schedules.x86 import int8_dense as dense
 from tvmquant.schedules.x86 import int8_depthwise_conv2d as dw
 
@@ -100,12 +101,14 @@ REQUANTS = [
     dense.Requant(3, 0, 255, "uint8"),
     dense.Requant(-3000, -32768, 32767, "int16", lut_size=65536, lut_offset=32768),
     dense.Requant(-40, -300, 500, "int16", lut_size=301, lut_offset=-50, lut_dtype="int8"),
+    dense.Requant(-3000, -32768, 32767, "int16", gate=dense.Gate("uint8", 0, 255)),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "c{}-{}x{}-k{}x{}-s{}{}".format(
     *c[:5], *c[5]))
-@pytest.mark.parametrize("rq", REQUANTS, ids=["int32", "u8", "lut-u8-65536", "lut-i8-301"])
+@pytest.mark.parametrize("rq", REQUANTS, ids=["int32", "u8", "lut-u8-65536", "lut-i8-301",
+                                               "gate-u8"])
 def test_depthwise_exact(case, rq):
     _need_vnni()
     c, h, w, kh, kw, stride, pad = case
@@ -122,11 +125,9 @@ def test_depthwise_exact(case, rq):
     else:
         bias = rng.integers(-(2**20), 2**20, c).astype(np.int32)
         d = dyadic(rng.uniform(1e-5, 3e-3, c))
-        m0, sh = d.m0.astype(np.int32), d.shift.astype(np.int32) - (4 if rq.lut_size else 0)
-        table = None
-        if rq.lut_size:
-            info = np.iinfo(rq.lut_dtype)
-            table = rng.integers(info.min, int(info.max) + 1, rq.lut_size).astype(rq.lut_dtype)
+        m0 = d.m0.astype(np.int32)
+        sh = d.shift.astype(np.int32) - (4 if rq.has_activation else 0)
+        table = epilogue_operand(rng, rq)
         args += [bias, m0, sh] + ([table] if table is not None else [])
         ref = dense.epilogue_reference(acc.astype(np.int32), bias, m0, sh, rq, axis=1,
                                        lut=table)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
+from helpers import epilogue_operand
 from tvm import te
 from tvm.s_tir import Schedule
 from tvmquant.schedules.x86 import int8_conv2d as conv
@@ -332,19 +333,25 @@ LUT_REQUANTS = [
     # ... and a short int8 table whose indices leave it on both sides (clipped)
     dense.Requant(-40, -300, 500, "int16", lut_size=301, lut_offset=-50, lut_dtype="int8"),
 ]
-
-
-def _table(rng, rq):
-    info = np.iinfo(rq.lut_dtype)
-    return rng.integers(info.min, int(info.max) + 1, rq.lut_size).astype(rq.lut_dtype)
+LUT_IDS = ["lut-u8-65536", "lut-i8-301"]
+GATE_REQUANTS = [
+    # hard-swish's integer gate on 16-bit codes, into uint8 ...
+    dense.Requant(-3000, -32768, 32767, "int16", gate=dense.Gate("uint8", 0, 255)),
+    # ... and into int8, clamped at both ends, from a narrower int16 clamp
+    dense.Requant(-40, -300, 500, "int16", gate=dense.Gate("int8", -100, 90)),
+]
+GATE_IDS = ["gate-u8", "gate-i8-clamp"]
+PADS = [(0, 0, 0, 0), (1, 1, 1, 1), (2, 0, 1, 3)]
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4]], ids=_conv_ids)
-@pytest.mark.parametrize("pad", [(0, 0, 0, 0), (1, 1, 1, 1), (2, 0, 1, 3)],
-                         ids=lambda p: "pad" + "".join(map(str, p)))
-@pytest.mark.parametrize("rq", LUT_REQUANTS, ids=["lut-u8-65536", "lut-i8-301"])
+@pytest.mark.parametrize("pad,rq", [(p, rq) for p in PADS for rq in LUT_REQUANTS]
+                         + list(zip(PADS[1:], GATE_REQUANTS)),
+                         ids=[f"pad{''.join(map(str, p))}-{i}" for p in PADS for i in LUT_IDS]
+                         + [f"pad{''.join(map(str, p))}-{i}" for p, i in zip(PADS[1:], GATE_IDS)])
 def test_conv2d_pads_and_looks_up_in_the_kernel(case, pad, rq):
-    """The kernel's own padding (any value) and lookup-table epilogue, against NumPy."""
+    """The kernel's own padding (any value) and lookup-table or gate epilogue, against
+    NumPy."""
     _need("avx512_vnni")
     n, c, h, w, o, kh, kw, s = case
     rng = np.random.default_rng()
@@ -352,7 +359,7 @@ def test_conv2d_pads_and_looks_up_in_the_kernel(case, pad, rq):
     wt = rng.integers(-128, 128, (o, c, kh, kw), dtype=np.int8)
     b, m0, sh = _epilogue_params(rng, o)
     sh = sh - 4  # spread the accumulators over the whole int16 range
-    table, value = _table(rng, rq), int(rng.integers(0, 256))
+    table, value = epilogue_operand(rng, rq), int(rng.integers(0, 256))
     ex = conv.build_int8_conv2d(n, c, h, w, o, kh, kw, s, bias=True, requant=rq, pad=pad,
                                 pad_value=value)
     top, left, bottom, right = pad
@@ -360,7 +367,7 @@ def test_conv2d_pads_and_looks_up_in_the_kernel(case, pad, rq):
     acc = conv.conv2d_reference(xp, wt, s).astype(np.int32)
     ref = dense.epilogue_reference(acc, b, m0, sh, rq, axis=1, lut=table)
     got = _run(ex, [x, conv.pack_conv_weight(wt), b, m0, sh, table], ref.shape,
-               rq.lut_dtype)
+               rq.result_dtype)
     np.testing.assert_array_equal(got, ref)
 
 
@@ -368,7 +375,7 @@ def test_conv2d_pads_and_looks_up_in_the_kernel(case, pad, rq):
 @pytest.mark.parametrize("out_layout", ["NCHW", "NCHW16c"])
 def test_conv2d_avx2_exact(case, out_layout):
     """The AVX2 fallback of the conv kernel, with the operands that saturate vpmaddubsw, its
-    padding, requantization and table, against NumPy."""
+    padding, requantization and table or gate, against NumPy."""
     _need("avx2")
     n, c, h, w, o, kh, kw, s = case
     rng = np.random.default_rng()
@@ -382,17 +389,18 @@ def test_conv2d_avx2_exact(case, out_layout):
                _conv_out_shape(n, o, oh, ow, out_layout), np.int32)
     np.testing.assert_array_equal(_conv_out_to_nchw(got, o, out_layout),
                                   conv.conv2d_reference(x, wt, s))
-    rq, pad = LUT_REQUANTS[1], (1, 2, 0, 1)
-    b, m0, sh = _epilogue_params(rng, o)
-    table, value = _table(rng, rq), int(rng.integers(0, 256))
-    ex = conv.build_int8_conv2d(n, c, h, w, o, kh, kw, s, bias=True, requant=rq, pad=pad,
-                                pad_value=value, isa="avx2")
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 0), (2, 1)), constant_values=value)
-    acc = conv.conv2d_reference(xp, wt, s).astype(np.int32)
-    ref = dense.epilogue_reference(acc, b, m0 >> 4, sh - 4, rq, axis=1, lut=table)
-    got = _run(ex, [x, conv.pack_conv_weight(wt, "avx2"), b, m0 >> 4, sh - 4, table],
-               ref.shape, rq.lut_dtype)
-    np.testing.assert_array_equal(got, ref)
+    pad = (1, 2, 0, 1)
+    for rq in [LUT_REQUANTS[1]] + ([GATE_REQUANTS[1]] if out_layout == "NCHW" else []):
+        b, m0, sh = _epilogue_params(rng, o)
+        table, value = epilogue_operand(rng, rq), int(rng.integers(0, 256))
+        ex = conv.build_int8_conv2d(n, c, h, w, o, kh, kw, s, bias=True, requant=rq, pad=pad,
+                                    pad_value=value, isa="avx2")
+        xp = np.pad(x, ((0, 0), (0, 0), (1, 0), (2, 1)), constant_values=value)
+        acc = conv.conv2d_reference(xp, wt, s).astype(np.int32)
+        ref = dense.epilogue_reference(acc, b, m0 >> 4, sh - 4, rq, axis=1, lut=table)
+        got = _run(ex, [x, conv.pack_conv_weight(wt, "avx2"), b, m0 >> 4, sh - 4, table],
+                   ref.shape, rq.result_dtype)
+        np.testing.assert_array_equal(got, ref)
 
 
 def test_conv_avx2_asm_is_exact_sequence():
@@ -403,7 +411,7 @@ def test_conv_avx2_asm_is_exact_sequence():
         assert absent not in asm, absent
 
 
-@pytest.mark.parametrize("rq", LUT_REQUANTS, ids=["lut-u8-65536", "lut-i8-301"])
+@pytest.mark.parametrize("rq", LUT_REQUANTS + GATE_REQUANTS, ids=LUT_IDS + GATE_IDS)
 def test_dense_looks_up_in_the_kernel(rq):
     _need("avx512_vnni")
     m, n, k = 37, 50, 70
@@ -411,9 +419,10 @@ def test_dense_looks_up_in_the_kernel(rq):
     a = rng.integers(0, 256, (m, k), dtype=np.uint8)
     w = rng.integers(-128, 128, (n, k), dtype=np.int8)
     b, m0, sh = _epilogue_params(rng, n)
-    table = _table(rng, rq)
+    table = epilogue_operand(rng, rq)
     ex = dense.build_int8_dense(m, n, k, bias=True, requant=rq)
-    got = _run(ex, [a, dense.pack_weight(w, "NK"), b, m0, sh - 4, table], (m, n), rq.lut_dtype)
+    got = _run(ex, [a, dense.pack_weight(w, "NK"), b, m0, sh - 4, table], (m, n),
+               rq.result_dtype)
     acc = (a.astype(np.int64) @ w.astype(np.int64).T).astype(np.int32)
     np.testing.assert_array_equal(
         got, dense.epilogue_reference(acc, b, m0, sh - 4, rq, lut=table))
@@ -424,6 +433,16 @@ def test_lookup_table_requant_checks():
         dense.Requant(0, -5, 5, "int16", lut_size=10, lut_dtype="int16")
     assert dense.Requant(0, -5, 5, "int16", lut_size=10).result_dtype == "uint8"
     assert dense.Requant(0, -5, 5, "int16").result_dtype == "int16"
+    assert GATE_REQUANTS[1].result_dtype == "int8" and GATE_REQUANTS[1].has_activation
+    with pytest.raises(ValueError, match="not both"):
+        dense.Requant(0, -5, 5, "int16", lut_size=10, gate=dense.Gate())
+    with pytest.raises(ValueError, match="gate clamp"):
+        dense.Gate("int8", -5, 200)
+    with pytest.raises(ValueError, match="uint8 or int8"):
+        dense.Gate("int16")
+    with pytest.raises(ValueError, match="gate's 9 parameters"):
+        dense.epilogue_reference(np.zeros((2, 3), np.int32), None, np.ones(3), np.ones(3),
+                                 GATE_REQUANTS[0], lut=np.zeros(7, np.int32))
     with pytest.raises(ValueError, match="pads only NCHW"):
         conv.int8_conv2d(1, 8, 6, 6, 16, 3, 3, 1, data_layout="NCHW4c", pad=(1, 1, 1, 1))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
-from helpers import conv_requant_chain
+from helpers import conv_requant_chain, epilogue_operand
 from tvmquant.schedules.x86 import int8_conv2d as conv
 from tvmquant.schedules.x86 import int8_conv2d_pixels as px
 from tvmquant.schedules.x86 import int8_dense as dense
@@ -93,7 +93,9 @@ def test_conv_exact(case):
     dense.Requant(-5, -100, 90, "int8"),
     dense.Requant(-3000, -32768, 32767, "int16", lut_size=65536, lut_offset=32768),
     dense.Requant(-40, -300, 500, "int16", lut_size=301, lut_offset=-50, lut_dtype="int8"),
-], ids=["u8", "i8-clamp", "lut-u8-65536", "lut-i8-301"])
+    dense.Requant(-3000, -32768, 32767, "int16", gate=dense.Gate("uint8", 0, 255)),
+    dense.Requant(-40, -300, 500, "int16", gate=dense.Gate("int8", -100, 90)),
+], ids=["u8", "i8-clamp", "lut-u8-65536", "lut-i8-301", "gate-u8", "gate-i8-clamp"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["o5", "o37"])
 def test_conv_epilogue_exact(case, rq):
     _need_vnni()
@@ -104,12 +106,9 @@ def test_conv_epilogue_exact(case, rq):
     bias = rng.integers(-(2**20), 2**20, o).astype(np.int32)
     d = dyadic(rng.uniform(1e-5, 3e-3, o))
     m0, sh = d.m0.astype(np.int32), d.shift.astype(np.int32) - 4
-    args = [x, px.pack_conv_weight_pixels(wt), bias, m0, sh]
-    table = None
-    if rq.lut_size:
-        info = np.iinfo(rq.lut_dtype)
-        table = rng.integers(info.min, int(info.max) + 1, rq.lut_size).astype(rq.lut_dtype)
-        args.append(table)
+    table = epilogue_operand(rng, rq)
+    args = [x, px.pack_conv_weight_pixels(wt), bias, m0, sh] + \
+        ([table] if table is not None else [])
     top, left, bottom, right = pad
     xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     acc = conv.conv2d_reference(xp, wt, 1).astype(np.int32)
