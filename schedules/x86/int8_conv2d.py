@@ -57,11 +57,11 @@ from .int8_dense import (
     KBLOCK,
     LANES,
     Requant,
+    _activation,
     _ceil_to,
     _epilogue_expr,
     _epilogue_params,
     _isa_intrin,
-    _table_lookup,
     default_target,
     split_activation,
 )
@@ -307,7 +307,7 @@ def int8_conv2d_compute(
         return v
 
     def finish(v):
-        return _table_lookup(v, requant, later) if later is not None else v
+        return _activation(v, requant, later) if later is not None else v
 
     epi = te.compute((n, oh, owp, opp), epilogue, name="epi")
     if out_layout == "NCHW":

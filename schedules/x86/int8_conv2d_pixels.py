@@ -47,10 +47,10 @@ from .int8_dense import (
     KBLOCK,
     LANES,
     Requant,
+    _activation,
     _ceil_to,
     _epilogue_expr,
     _epilogue_params,
-    _table_lookup,
     default_target,
     split_activation,
 )
@@ -176,7 +176,7 @@ def row_epilogue(acc_at, shape, o: int, ow: int, params: list, *, bias: bool,
     )
 
     def finish(v):
-        return _table_lookup(v, requant, later) if later is not None else v
+        return _activation(v, requant, later) if later is not None else v
 
     return te.compute((n, o, oh, ow), lambda b, oc, y, xx: finish(epi[b, oc, y, xx]),
                       name="out")

@@ -242,7 +242,7 @@ def _epilogue_expr(x, n, bias, m0, shift, requant: Requant | None, lut=None):
     y = tirx.max(tirx.min(y, tirx.const(requant.hi, "int64")), tirx.const(requant.lo, "int64"))
     if lut is None:  # (a conv looks its table up later, in channel-plane order)
         return y.astype(requant.out_dtype)
-    return _table_lookup(y, requant, lut)
+    return _activation(y, requant, lut)
 
 
 def _integer_gate(y, gate: Gate, params):
@@ -257,9 +257,10 @@ def _integer_gate(y, gate: Gate, params):
     return r.astype(gate.out_dtype)
 
 
-def _table_lookup(y, requant: Requant, lut):
-    """``lut[clip(y + offset)]`` for a clamped value ``y`` of ``requant``'s range, or the
-    integer gate of ``y`` when ``requant`` has one (``lut`` then holds its parameters)."""
+def _activation(y, requant: Requant, lut):
+    """The activation after the clamp: ``lut[clip(y + offset)]`` for a clamped value ``y`` of
+    ``requant``'s range, or the integer gate of ``y`` when ``requant`` has one (``lut`` then
+    holds its parameters)."""
     if requant.gate is not None:
         return _integer_gate(y, requant.gate, lut)
     # the table's index in int32; clipped only where the clamp range can leave the table
