@@ -756,7 +756,8 @@ class _LowerMutator(relax.PyExprMutator):
 
     def _integer_gate(self, y, src: _QTensor, codes, table, s, z, qmin, qmax, out_dtype):
         """The region ``y`` as an integer gate (see the module docstring), if it has that
-        form and matches ``table`` (over ``codes``) within one step everywhere."""
+        form and matches ``table`` (over ``codes``) within one step everywhere and exactly
+        on all but ``GATE_MISMATCH`` of the codes."""
         form = _gate_form(self._producer,
                           lambda e: (q := self._as_dequantized(e)) is not None and
                           q.codes.same_as(src.codes), y)
