@@ -34,9 +34,10 @@ that fill AMX's tiles well enough (:func:`.int8_conv2d_amx.prefer_amx`,
 :func:`.int8_dense_amx.prefer_amx_dense`) run on :mod:`.int8_conv2d_amx` and
 :mod:`.int8_dense_amx`, and the rest on the AVX-512 VNNI kernels.
 The kernels use AVX-512 VNNI (``isa="avx512_vnni"``); on CPUs with AVX2 only
-(``isa="avx2"``) the regular convolutions and matmuls run on the same kernels tensorized
-with exact ``vpmaddwd`` blocks instead, and depthwise convolutions stay on TVM's default
-kernels (theirs is a VNNI kernel through and through).
+(``isa="avx2"``) the regular convolutions (pixel-lane and channel-lane, by the same rule)
+and matmuls run on the same kernels tensorized with exact ``vpmaddwd`` blocks instead, and
+depthwise convolutions stay on TVM's default kernels (theirs is a VNNI kernel through and
+through).
 """
 
 from __future__ import annotations
@@ -388,13 +389,12 @@ class _Dispatcher(relax.PyExprMutator):
                 n, c, h, w, o, kh, kw, bias=True, requant=m.requant, mb=mb, nb=nb, pad=pad,
                 pad_value=pad_value, backend=self.amx))
             return gv, [data, pack_conv_weight_amx(m.weight, nb)]
-        if sh == 1 and self.isa == "avx512_vnni" and not _has_table(m) and \
-                prefer_pixels(ow, o):
+        if sh == 1 and not _has_table(m) and prefer_pixels(ow, o):
             key = ("conv-pixels", n, c, h, w, o, kh, kw, m.requant, pad, pad_value)
             gv = self._kernel(key, lambda: int8_conv2d_pixels(
                 n, c, h, w, o, kh, kw, bias=True, requant=m.requant, pad=pad,
-                pad_value=pad_value))
-            return gv, [data, pack_conv_weight_pixels(m.weight)]
+                pad_value=pad_value, isa=self.isa))
+            return gv, [data, pack_conv_weight_pixels(m.weight, self.isa)]
         key = ("conv", n, c, h, w, o, kh, kw, sh, m.requant, pad, pad_value)
         gv = self._kernel(key, lambda: int8_conv2d(n, c, h, w, o, kh, kw, sh, bias=True,
                                                    requant=m.requant, pad=pad,

@@ -14,21 +14,30 @@ into the instruction as a ``{1to16}`` memory operand).
 No channel is wasted, and the output comes out in ``NCHW`` without a transpose: each finished
 row of a channel is stored as it is.
 
+On CPUs with AVX2 only (``isa="avx2"``) the same kernel runs on
+:data:`.vnni_intrin.AVX2_PIXELS_INTRIN`: the input re-layout widens it to int16 in channel
+pairs, the weights are widened at packing time, and each 16 pixels x 4 channels block is
+four exact ``vpmaddwd`` with a broadcast weight pair (no per-pixel byte shuffling, which is
+what the channel-lane kernel's AVX2 form spends its time on).
+
 Layouts
 -------
 - Input ``x``: uint8 ``NCHW`` ``[N, C, H, W]``, re-laid out by the kernel (a parallel copy)
   as ``NCHW4c`` with the spatial padding (``pad``, filled with ``pad_value``) and a few
   columns more on the right so that every 16-pixel vector of the last tile reads inside it
   (those columns make discarded outputs).
+  With ``isa="avx2"``: int16 ``[N, H', ceil(C/4), 2, W', 2]`` (rows outermost, channel
+  pairs).
 - Weight: int8 ``OIHW`` packed by :func:`pack_conv_weight_pixels` into
   ``[O, ceil(C/4) * KH * KW, 4]``: ``packed[o, (c // 4 * KH + kh) * KW + kw, c % 4] =
-  w[o, c, kh, kw]`` (zero padded in C).
+  w[o, c, kh, kw]`` (zero padded in C); int16 with ``isa="avx2"``.
 - Output ``[N, O, OH, OW]``: int32, or uint8/int8/int16 with the fused requantization
   epilogue of :mod:`.int8_dense` (lookup table included). PrimFunc parameters: ``x, W,
   [bias], [m0, shift], [lut], out``.
 
 Schedule: register tiles of ``mb`` vectors of 16 pixels along an output row x ``nb`` output
-channels (``mb * nb`` zmm accumulators, at most 28); the (channel group, image, output row)
+channels (``mb * nb`` zmm accumulators, at most 28; with AVX2 ``2 * mb * nb`` ymm, at most
+12); the (channel group, image, output row)
 triples are spread over the cores; the reduction over (channel block, kh, kw) runs inside the
 tile, so each 64-byte input load serves ``nb`` instructions. The epilogue runs on the
 finished row, vectorized along it.
@@ -54,14 +63,23 @@ from .int8_dense import (
     default_target,
     split_activation,
 )
-from .vnni_intrin import PIXELS_INTRIN
+from .vnni_intrin import AVX2_PIXELS_INTRIN, PIXELS_INTRIN
 
-#: Accumulators (zmm registers) of one register tile.
+#: Accumulators (16-pixel vectors) of one register tile: zmm registers with AVX-512, pairs
+#: of ymm with AVX2 (16 registers: 12 accumulators, the broadcast weights and a product).
 MAX_TILE = 28
+MAX_TILE_AVX2 = 6
 
 
-def pack_conv_weight_pixels(w: np.ndarray) -> np.ndarray:
-    """``OIHW`` int8 -> ``[O, ceil(C/4)*KH*KW, 4]`` (see the module docstring)."""
+def _check_isa(isa: str) -> None:
+    if isa not in ("avx512_vnni", "avx2"):
+        raise ValueError(f"isa must be 'avx512_vnni' or 'avx2', got {isa!r}")
+
+
+def pack_conv_weight_pixels(w: np.ndarray, isa: str = "avx512_vnni") -> np.ndarray:
+    """``OIHW`` int8 -> ``[O, ceil(C/4)*KH*KW, 4]`` (see the module docstring); int16 for
+    ``isa="avx2"``."""
+    _check_isa(isa)
     w = np.asarray(w)
     if w.ndim != 4 or w.dtype != np.int8:
         raise ValueError(f"pack_conv_weight_pixels wants an int8 OIHW weight, got {w.dtype} "
@@ -72,7 +90,8 @@ def pack_conv_weight_pixels(w: np.ndarray) -> np.ndarray:
     wp[:, :c] = w
     # [o, c4, ci, kh, kw] -> [o, c4, kh, kw, ci]
     t = wp.reshape(o, cp // KBLOCK, KBLOCK, kh, kw).transpose(0, 1, 3, 4, 2)
-    return np.ascontiguousarray(t.reshape(o, cp // KBLOCK * kh * kw, KBLOCK))
+    t = t.reshape(o, cp // KBLOCK * kh * kw, KBLOCK)
+    return np.ascontiguousarray(t.astype(np.int16) if isa == "avx2" else t)
 
 
 def prefer_pixels(ow: int, o: int) -> bool:
@@ -91,13 +110,18 @@ def prefer_pixels(ow: int, o: int) -> bool:
     return pixels >= 0.8 * channels
 
 
-def pixel_tiles(ow: int, o: int) -> tuple[int, int]:
+def pixel_tiles(ow: int, o: int, isa: str = "avx512_vnni") -> tuple[int, int]:
     """Register tile ``(mb, nb)``: ``mb`` vectors of 16 pixels (a divisor of the row's
-    vectors, so no tile is partial) x ``nb`` output channels, ``mb * nb <= 28``, trading
-    channels computed in vain (``O % nb``) against the per-tile overhead (about ``1/2nb``)."""
+    vectors, so no tile is partial) x ``nb`` output channels, ``mb * nb <= 28`` (6 with
+    AVX2), trading channels computed in vain (``O % nb``) against the per-tile overhead
+    (about ``1/2nb``)."""
+    _check_isa(isa)
+    limit = MAX_TILE_AVX2 if isa == "avx2" else MAX_TILE
     nvec = _ceil_to(ow, LANES) // LANES
-    mb = max(d for d in range(1, min(nvec, 7) + 1) if nvec % d == 0)
-    cap = max(1, min(o, MAX_TILE // mb))
+    # AVX2: one vector of pixels (its 4 input registers serve nb channels; 5 x 1 and
+    # 1 x 4 on 240 -> 240 1x1, 12x80: 1351 against 801 us)
+    mb = 1 if isa == "avx2" else max(d for d in range(1, min(nvec, 7) + 1) if nvec % d == 0)
+    cap = max(1, min(o, limit // mb))
     nb = min(range(1, cap + 1), key=lambda b: (_ceil_to(o, b) * (1 + 0.5 / b), -b))
     return mb, nb
 
@@ -117,8 +141,10 @@ def int8_conv2d_pixels_compute(
     nb: int = 1,
     pad: tuple[int, int, int, int] = (0, 0, 0, 0),
     pad_value: int = 0,
+    isa: str = "avx512_vnni",
 ) -> tirx.PrimFunc:
     """The unscheduled PrimFunc: blocks ``x4c``, ``acc``, ``epi``, ``out``."""
+    _check_isa(isa)
     top, left, bottom, right = check_pad(pad, pad_value)
     oh, ow = conv_output_size(h + top + bottom, w + left + right, kh, kw, 1)
     if oh < 1 or ow < 1:
@@ -128,8 +154,12 @@ def int8_conv2d_pixels_compute(
     wr = owp + kw - 1  # the width the tiles read (at least the padded input's)
     op = _ceil_to(o, nb)
     x = te.placeholder((n, c, h, w), "uint8", name="x")
-    x4 = relayout_nchw4c(x, pad, pad_value, width=wr)
-    wt = te.placeholder((o, c4 * kh * kw, KBLOCK), "int8", name="W")
+    pairs = isa == "avx2"
+    x4 = relayout_nchw4c(x, pad, pad_value, width=wr, pairs=pairs)
+    wt = te.placeholder((o, c4 * kh * kw, KBLOCK), "int16" if pairs else "int8", name="W")
+
+    def inp(b, cb, y, xx, ci):
+        return x4[b, y, cb, ci // 2, xx, ci % 2] if pairs else x4[b, cb, y, xx, ci]
 
     def chan(j):
         return tirx.min(j, o - 1) if op != o else j
@@ -141,7 +171,7 @@ def int8_conv2d_pixels_compute(
     acc = te.compute(
         (n, op, oh, owp),
         lambda b, oc, y, xx: te.sum(
-            x4[b, rc, y + rh, xx + rw, ri].astype("int32")
+            inp(b, rc, y + rh, xx + rw, ri).astype("int32")
             * wt[chan(oc), (rc * kh + rh) * kw + rw, ri].astype("int32"),
             axis=[rc, rh, rw, ri],
         ),
@@ -182,15 +212,24 @@ def row_epilogue(acc_at, shape, o: int, ow: int, params: list, *, bias: bool,
                       name="out")
 
 
-def schedule_int8_conv2d_pixels(func: tirx.PrimFunc, *, mb: int, nb: int) -> tvm.IRModule:
-    """Tile, parallelise and tensorize a PrimFunc made by :func:`int8_conv2d_pixels_compute`."""
+def schedule_int8_conv2d_pixels(func: tirx.PrimFunc, *, mb: int, nb: int,
+                                isa: str = "avx512_vnni",
+                                columns: tuple[int, int] | None = None) -> tvm.IRModule:
+    """Tile, parallelise and tensorize a PrimFunc made by :func:`int8_conv2d_pixels_compute`
+    (with the same ``isa``); ``columns = (left padding, input width)`` lets the AVX2 input
+    re-layout copy the inside of each row without a padding test."""
+    _check_isa(isa)
     sch = Schedule(func)
     acc = sch.get_sblock("acc")
     b, oc, y, xx, rc, rh, rw, ri = sch.get_loops(acc)
     oo, oi = sch.split(oc, [None, nb])
     xo, xm, xi = sch.split(xx, [None, mb, LANES])
-    sch.reorder(oo, b, y, xo, rc, rh, rw, oi, xm, xi, ri)
-    row = sch.fuse(oo, b, y)
+    if isa == "avx2":  # a row's channel groups one after another, its inputs in cache
+        sch.reorder(b, y, oo, xo, rc, rh, rw, oi, xm, xi, ri)
+        row = sch.fuse(b, y, oo)
+    else:
+        sch.reorder(oo, b, y, xo, rc, rh, rw, oi, xm, xi, ri)
+        row = sch.fuse(oo, b, y)
     sch.parallel(row)
     # the register tile (nb channels x mb vectors) is written back into a row buffer, and
     # the epilogue runs once per row, vectorized along it
@@ -200,14 +239,14 @@ def schedule_int8_conv2d_pixels(func: tirx.PrimFunc, *, mb: int, nb: int) -> tvm
     sch.reverse_compute_at(epi, row, preserve_unit_loops=True)
     sch.reverse_compute_at(out, row, preserve_unit_loops=True)
     init = sch.decompose_reduction(acc, rc)
-    sch.tensorize(xi, PIXELS_INTRIN)
+    sch.tensorize(xi, AVX2_PIXELS_INTRIN if isa == "avx2" else PIXELS_INTRIN)
     sch.set_scope(init, 0, "local")
     sch.unroll(oi)
     sch.unroll(xm)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(tile_wb)[-1])
     vectorize_row_epilogue(sch)
-    schedule_relayout(sch)
+    schedule_relayout(sch, columns=(columns if isa == "avx2" else None))
     return sch.mod
 
 
@@ -251,17 +290,20 @@ def int8_conv2d_pixels(
     nb: int | None = None,
     pad: tuple[int, int, int, int] = (0, 0, 0, 0),
     pad_value: int = 0,
+    isa: str = "avx512_vnni",
 ) -> tvm.IRModule:
     """Scheduled, tensorized IRModule (PrimFunc ``"main"``) of the pixel-lane conv kernel
-    (stride 1; ``pad`` is ``(top, left, bottom, right)``, filled with ``pad_value``)."""
+    (stride 1; ``pad`` is ``(top, left, bottom, right)``, filled with ``pad_value``;
+    ``isa``: ``"avx512_vnni"`` or ``"avx2"``)."""
     _, ow = conv_output_size(h + pad[0] + pad[2], w + pad[1] + pad[3], kh, kw, 1)
-    dmb, dnb = pixel_tiles(ow, o)
+    dmb, dnb = pixel_tiles(ow, o, isa)
     mb, nb = mb or dmb, nb or dnb
     func = int8_conv2d_pixels_compute(n, c, h, w, o, kh, kw, bias=bias, requant=requant,
-                                      mb=mb, nb=nb, pad=pad, pad_value=pad_value)
-    return schedule_int8_conv2d_pixels(func, mb=mb, nb=nb)
+                                      mb=mb, nb=nb, pad=pad, pad_value=pad_value, isa=isa)
+    return schedule_int8_conv2d_pixels(func, mb=mb, nb=nb, isa=isa, columns=(pad[1], w))
 
 
 def build_int8_conv2d_pixels(*args, target: tvm.target.Target | None = None, **kwargs):
     """Compile :func:`int8_conv2d_pixels`; ``tvm.compile``'s executable (``"main"``)."""
-    return tvm.compile(int8_conv2d_pixels(*args, **kwargs), target or default_target())
+    isa = kwargs.get("isa", "avx512_vnni")
+    return tvm.compile(int8_conv2d_pixels(*args, **kwargs), target or default_target(isa))

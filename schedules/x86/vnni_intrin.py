@@ -21,6 +21,14 @@ Registered under tvmquant's own names (never over TVM's upstream ``dot_16x4_vnni
     4 channels each, 64 contiguous bytes) against one output channel's 4 weights, broadcast.
     The kernel of :mod:`.int8_conv2d_pixels`, for convolutions with few output channels.
 
+``tvmquant_dot_16x4_avx2_pixels`` (:data:`AVX2_PIXELS_INTRIN`)
+    The pixel-lane product for AVX2 machines: the same 16 pixels x 4 channels, read from an
+    input that the kernel widened to int16 and laid out in channel *pairs*
+    (``A`` int16 ``[2, 16, 2]``: each pair's 16 pixels are 64 contiguous bytes, the two
+    pairs a run-time stride apart), against the 4 weights widened to int16. Four
+    ``vpmaddwd`` (8 pixels x one channel pair each, the pair's two weights broadcast as one
+    int32) and four ``vpaddd``. Exact for every uint8 x int8 input.
+
 ``tvmquant_dot_8x4_avx2_i16`` (:data:`AVX2_INTRIN`)
     The same product with 8 output lanes, for AVX2 machines without VNNI, on weights that
     the packing widened to int16 in reduction pairs (``B`` int16 ``[2, 8, 2]``, lanes
@@ -45,6 +53,7 @@ from tvm.script import tirx as T
 
 VNNI_INTRIN = "tvmquant_dot_16x4_vnni"
 AVX2_INTRIN = "tvmquant_dot_8x4_avx2_i16"
+AVX2_PIXELS_INTRIN = "tvmquant_dot_16x4_avx2_pixels"
 
 #: Output lanes and reduction depth of each intrinsic.
 VNNI_LANES, AVX2_LANES, DOT_K = 16, 8, 4
@@ -202,6 +211,55 @@ def _pixels_impl(
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# AVX2, pixels on the lanes: 16 pixels x 2 channel pairs (int16) . 4 weights (int16)
+# ---------------------------------------------------------------------------------------------
+@T.prim_func(s_tir=True)
+def _avx2_pixels_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    s0 = T.int32()
+    A = T.match_buffer(a, (2, 16, 2), "int16", strides=[s0, 2, 1], offset_factor=1)
+    B = T.match_buffer(b, (4,), "int16", offset_factor=1)
+    C = T.match_buffer(c, (16,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2, 0:16, 0:2], B[0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk // 2, vi, vk % 2], "int32") * \
+                        T.cast(B[vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _avx2_pixels_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    s0 = T.int32()
+    A = T.match_buffer(a, (2, 16, 2), "int16", strides=[s0, 2, 1], offset_factor=1)
+    B = T.match_buffer(b, (4,), "int16", offset_factor=1)
+    C = T.match_buffer(c, (16,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2, 0:16, 0:2], B[0:4])
+        T.writes(C[0:16])
+        for h in T.unroll(0, 2):  # the two halves of 8 pixels
+            C[T.ramp(h * 8, 1, 8)] = C.vload([h * 8], dtype="int32x8") + \
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                    A.vload([0, h * 8, 0], dtype="int16x16"),
+                    T.reinterpret(T.broadcast(
+                        T.reinterpret(B.vload([0], "int16x2"), dtype="int32"), 8),
+                        dtype="int16x16"),
+                    dtype="int32x8",
+                ) + \
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                    A.vload([1, h * 8, 0], dtype="int16x16"),
+                    T.reinterpret(T.broadcast(
+                        T.reinterpret(B.vload([2], "int16x2"), dtype="int32"), 8),
+                        dtype="int16x16"),
+                    dtype="int32x8",
+                )
+
+
 def window_intrin(stride: int) -> str:
     """``C[i] += sum_k int32(A[i * stride + k]) * int32(B[k])`` (``i < 16``, ``k < 4``): 16
     output pixels x 4 kernel columns of a convolution row, from one 64-byte load of the
@@ -261,6 +319,8 @@ def register() -> None:
         TensorIntrin.register(AVX2_INTRIN, _avx2_i16_desc, _avx2_i16_impl)
     if TensorIntrin.get(PIXELS_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(PIXELS_INTRIN, _pixels_desc, _pixels_impl)
+    if TensorIntrin.get(AVX2_PIXELS_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(AVX2_PIXELS_INTRIN, _avx2_pixels_desc, _avx2_pixels_impl)
 
 
 register()

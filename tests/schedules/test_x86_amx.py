@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +40,18 @@ def _need_amx() -> None:
                     "is checked through the emulator only")
     if not request_amx_permission():
         pytest.skip("Linux refused this process the AMX tile state (arch_prctl)")
+
+
+def _need_avx512_vnni() -> None:
+    """The emulated AMX kernels are built for a Sapphire Rapids CPU: their tile instructions
+    become calls into the emulator, the rest of their code is AVX-512."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    if "avx512_vnni" not in flags:
+        pytest.skip("this CPU lacks avx512_vnni (per /proc/cpuinfo): the emulated AMX kernels "
+                    "(built for Sapphire Rapids, AVX-512 around the tile calls) cannot run here")
 
 
 def _ptr(a: np.ndarray) -> ctypes.c_void_p:
@@ -166,6 +179,7 @@ def _operands(case, rng):
 
 
 def _run(ex, args, shape, dtype):
+    _need_avx512_vnni()
     out = tvm.runtime.tensor(np.zeros(shape, dtype))
     ex["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
     return out.numpy()
@@ -385,6 +399,7 @@ def test_dispatch_picks_amx_and_stays_exact(c, o, width, stride, on_amx):
     assert _packed_ndims(after) == [5 if on_amx else 3 if stride == 1 else 4]
     target = dense.default_target()
     before = emu.counts.get("tdpbsud", 0)
+    _need_avx512_vnni()
     vm_a = relax.VirtualMachine(tvm.compile(after, target), tvm.cpu())
     vm_b = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
     x = tvm.runtime.tensor(np.random.default_rng().integers(0, 256, (1, c, 6, width))
@@ -412,6 +427,7 @@ def test_dispatch_puts_a_matmul_on_amx_and_stays_exact():
     after = DispatchX86Int8(isa="amx", amx_backend="emulate")(mod)
     assert list(_amx_layers(after)) == [(0, 1)]
     target = dense.default_target()
+    _need_avx512_vnni()
     vm_a = relax.VirtualMachine(tvm.compile(after, target), tvm.cpu())
     vm_b = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
     a = tvm.runtime.tensor(rng.integers(0, 256, (40, 120)).astype("uint8"))
@@ -451,6 +467,7 @@ def test_ppocr_on_emulated_amx_equals_vnni_build(kind, layers):
     assert tuple(map(sum, zip(*_amx_layers(on_amx)))) == layers
     x = tvm.runtime.tensor(datasets.model_inputs(kind, n=1)[0])
     target = dense.default_target()
+    _need_avx512_vnni()
     got = relax.VirtualMachine(tvm.compile(on_amx, target), tvm.cpu())["main"](x).numpy()
     vnni = DispatchX86Int8()(q.mod)
     want = relax.VirtualMachine(tvm.compile(vnni, target), tvm.cpu())["main"](x).numpy()
