@@ -65,6 +65,7 @@ from .int8_dense import (
     default_target,
     split_activation,
 )
+from .vnni_intrin import AVX2_WIDE_INTRIN
 
 
 def conv_output_size(h: int, w: int, kh: int, kw: int, stride: int) -> tuple[int, int]:
@@ -143,7 +144,7 @@ def check_pad(pad, pad_value: int) -> tuple[int, int, int, int]:
 
 def relayout_nchw4c(x: te.Tensor, pad=(0, 0, 0, 0), pad_value: int = 0,
                     width: int | None = None, channels: int | None = None,
-                    pairs: bool = False) -> te.Tensor:
+                    pairs: bool = False, widen: bool = False) -> te.Tensor:
     """The kernels' input re-layout (block ``x4c``): ``NCHW`` ``x`` -> ``NCHW4c``
     ``[N, channels/4, top + H + bottom, width, 4]``, padded spatially with ``pad_value``
     (``pad`` is ``(top, left, bottom, right)``; ``width`` at least the padded width, the
@@ -153,7 +154,8 @@ def relayout_nchw4c(x: te.Tensor, pad=(0, 0, 0, 0), pad_value: int = 0,
     ``pairs=True`` (the AVX2 pixel-lane kernel's): widened to int16, rows outermost, and
     each row of a block of 4 channels split into its 2 channel pairs, ``[N, top + H +
     bottom, channels/4, 2, width, 2]``: 8 pixels of one pair are one 32-byte ``vpmaddwd``
-    operand, and all the channels of a row are one contiguous run."""
+    operand, and all the channels of a row are one contiguous run. ``widen=True`` (the AVX2
+    channel-lane kernel's): the ``NCHW4c`` layout in int16."""
     n, c, h, w = (int(d) for d in x.shape)
     top, left, bottom, right = (int(p) for p in pad)
     width = width if width is not None else left + w + right
@@ -178,6 +180,9 @@ def relayout_nchw4c(x: te.Tensor, pad=(0, 0, 0, 0), pad_value: int = 0,
         return te.compute((n, top + h + bottom, c4, 2, width, 2),
                           lambda b, y, cb, p, xx, ci: relayout(b, cb, y, xx, p * 2 + ci)
                           .astype("int16"), name="x4c")
+    if widen:
+        return te.compute((n, c4, top + h + bottom, width, KBLOCK),
+                          lambda *i: relayout(*i).astype("int16"), name="x4c")
     return te.compute((n, c4, top + h + bottom, width, KBLOCK), relayout, name="x4c")
 
 
@@ -263,7 +268,7 @@ def int8_conv2d_compute(
     if data_layout == "NCHW":
         x = te.placeholder((n, c, h, w), "uint8", name="x")
 
-        x4 = relayout_nchw4c(x, pad, pad_value)
+        x4 = relayout_nchw4c(x, pad, pad_value, widen=isa == "avx2")
     elif data_layout == "NCHW4c":
         x = te.placeholder((n, c4, h, w, KBLOCK), "uint8", name="x")
         x4 = x
@@ -345,15 +350,22 @@ def int8_conv2d_compute(
 
 
 def schedule_int8_conv2d(
-    func: tirx.PrimFunc, *, mb: int, nb: int, isa: str = "avx512_vnni"
+    func: tirx.PrimFunc, *, mb: int, nb: int, isa: str = "avx512_vnni",
+    columns: tuple[int, int] | None = None,
 ) -> tvm.IRModule:
     """Tile, parallelise and tensorize a PrimFunc made by :func:`int8_conv2d_compute`.
 
     ``isa="avx2"`` tensorizes each 16-channel block as two exact 8-channel AVX2 blocks
-    (build it for an AVX2 target, e.g. ``mcpu="haswell"``).
+    (build it for an AVX2 target, e.g. ``mcpu="haswell"``); on an ``NCHW`` input, re-laid
+    out in int16, with :data:`.vnni_intrin.AVX2_WIDE_INTRIN`. ``columns = (left padding,
+    input width)`` lets that re-layout copy the inside of each row without a padding test.
     """
     intrin, lanes = _isa_intrin(isa)
     sch = Schedule(func)
+    names = {sch.get(blk).name_hint for blk in sch.get_child_blocks(sch.get_sblock("root"))}
+    widened = "x4c" in names and isa == "avx2"
+    if widened:
+        intrin = AVX2_WIDE_INTRIN
     acc = sch.get_sblock("acc")
     b, y, xx, oc, rc, rh, rw, ri = sch.get_loops(acc)
     xo, xi = sch.split(xx, [None, mb])
@@ -388,9 +400,8 @@ def schedule_int8_conv2d(
     else:
         el = sch.get_loops(epi)
         sch.vectorize(sch.split(el[-1], [None, LANES])[1])
-    names = {sch.get(blk).name_hint for blk in sch.get_child_blocks(sch.get_sblock("root"))}
     if "x4c" in names:
-        schedule_relayout(sch)
+        schedule_relayout(sch, columns=columns if widened else None)
     return sch.mod
 
 
@@ -427,7 +438,8 @@ def int8_conv2d(
         n, c, h, w, o, kh, kw, stride, data_layout=data_layout, out_layout=out_layout,
         bias=bias, requant=requant, mb=mb, nb=nb, pad=pad, pad_value=pad_value, isa=isa,
     )
-    return schedule_int8_conv2d(func, mb=mb, nb=nb, isa=isa)
+    return schedule_int8_conv2d(func, mb=mb, nb=nb, isa=isa,
+                                columns=(pad[1], w) if data_layout == "NCHW" else None)
 
 
 def build_int8_conv2d(*args, target: tvm.target.Target | None = None, **kwargs):

@@ -29,6 +29,11 @@ Registered under tvmquant's own names (never over TVM's upstream ``dot_16x4_vnni
     ``vpmaddwd`` (8 pixels x one channel pair each, the pair's two weights broadcast as one
     int32) and four ``vpaddd``. Exact for every uint8 x int8 input.
 
+``tvmquant_dot_8x4_avx2_i16_wide`` (:data:`AVX2_WIDE_INTRIN`)
+    :data:`AVX2_INTRIN` on an input that the conv kernel's re-layout already widened to
+    int16 (``A`` int16[4]): each pair is one ``vpbroadcastd`` from memory instead of byte
+    masks and shifts in general registers.
+
 ``tvmquant_dot_8x4_avx2_i16`` (:data:`AVX2_INTRIN`)
     The same product with 8 output lanes, for AVX2 machines without VNNI, on weights that
     the packing widened to int16 in reduction pairs (``B`` int16 ``[2, 8, 2]``, lanes
@@ -54,6 +59,7 @@ from tvm.script import tirx as T
 VNNI_INTRIN = "tvmquant_dot_16x4_vnni"
 AVX2_INTRIN = "tvmquant_dot_8x4_avx2_i16"
 AVX2_PIXELS_INTRIN = "tvmquant_dot_16x4_avx2_pixels"
+AVX2_WIDE_INTRIN = "tvmquant_dot_8x4_avx2_i16_wide"
 
 #: Output lanes and reduction depth of each intrinsic.
 VNNI_LANES, AVX2_LANES, DOT_K = 16, 8, 4
@@ -160,6 +166,49 @@ def _avx2_i16_impl(
                     ((T.reinterpret(A.vload([0], "uint8x4"), dtype="int32") >> 16) & 0xFF)
                     | ((T.reinterpret(A.vload([0], "uint8x4"), dtype="int32") >> 8) & 0xFF0000),
                     8), dtype="int16x16"),
+                B.vload([1, 0, 0], dtype="int16x16"),
+                dtype="int32x8",
+            )
+
+
+@T.prim_func(s_tir=True)
+def _avx2_wide_desc(
+    A: T.Buffer((4,), "int16", offset_factor=1),
+    B: T.Buffer((2, 8, 2), "int16", strides=[32, 2, 1], offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:2, 0:8, 0:2])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vk // 2, vi, vk % 2],
+                                                                    "int32")
+
+
+@T.prim_func(s_tir=True)
+def _avx2_wide_impl(
+    A: T.Buffer((4,), "int16", offset_factor=1),
+    B: T.Buffer((2, 8, 2), "int16", strides=[32, 2, 1], offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:2, 0:8, 0:2])
+        T.writes(C[0:8])
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + \
+            T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"),
+                                          8), dtype="int16x16"),
+                B.vload([0, 0, 0], dtype="int16x16"),
+                dtype="int32x8",
+            ) + \
+            T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([2], "int16x2"), dtype="int32"),
+                                          8), dtype="int16x16"),
                 B.vload([1, 0, 0], dtype="int16x16"),
                 dtype="int32x8",
             )
@@ -319,6 +368,8 @@ def register() -> None:
         TensorIntrin.register(AVX2_INTRIN, _avx2_i16_desc, _avx2_i16_impl)
     if TensorIntrin.get(PIXELS_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(PIXELS_INTRIN, _pixels_desc, _pixels_impl)
+    if TensorIntrin.get(AVX2_WIDE_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(AVX2_WIDE_INTRIN, _avx2_wide_desc, _avx2_wide_impl)
     if TensorIntrin.get(AVX2_PIXELS_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(AVX2_PIXELS_INTRIN, _avx2_pixels_desc, _avx2_pixels_impl)
 

@@ -7,6 +7,7 @@ only compile and run anywhere.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -409,6 +410,9 @@ def test_conv_avx2_asm_is_exact_sequence():
     assert "vpmaddwd" in asm and "ymm" in asm
     for absent in ("vpdpbusd", "vpmaddubsw", "zmm"):  # no VNNI, no saturation, no AVX-512
         assert absent not in asm, absent
+    # the NCHW input is re-laid out in int16: each activation pair is broadcast straight
+    # from memory (AVX2_WIDE_INTRIN), not assembled from bytes in general registers
+    assert re.search(r"vpbroadcastd\s+-?\w*\(%", asm)
 
 
 @pytest.mark.parametrize("rq", LUT_REQUANTS + GATE_REQUANTS, ids=LUT_IDS + GATE_IDS)
