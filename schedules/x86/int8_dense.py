@@ -49,7 +49,14 @@ from tvm.s_tir import Schedule
 
 from tvmquant.numerics import GATE_PARAMS, Dyadic, integer_gate, requantize
 
-from .vnni_intrin import AVX2_INTRIN, AVX2_LANES, DOT_K, VNNI_INTRIN, VNNI_LANES
+from .vnni_intrin import (
+    AVX2_INTRIN,
+    AVX2_LANES,
+    AVX2_WIDE_INTRIN,
+    DOT_K,
+    VNNI_INTRIN,
+    VNNI_LANES,
+)
 
 LANES = VNNI_LANES  # 16 output columns per vpdpbusd
 KBLOCK = DOT_K  # 4 reduction elements per lane
@@ -308,7 +315,8 @@ def int8_dense_compute(
     isa: str = "avx512_vnni",
 ) -> tirx.PrimFunc:
     """The unscheduled PrimFunc: blocks ``A_pad`` (only if ``K % 4``), ``acc`` and ``C``
-    (``isa="avx2"``: the int16 weights of ``pack_weight(w, layout, "avx2")``).
+    (``isa="avx2"``: the int16 weights of ``pack_weight(w, layout, "avx2")``, and ``A_pad``
+    always: ``A`` widened to int16 for :data:`.vnni_intrin.AVX2_WIDE_INTRIN`).
 
     ``acc`` covers ``ceil(M/mb)*mb`` rows and ``ceil(N/(16 nb))*16 nb`` columns so that every
     register tile is full: the extra rows re-read row ``M-1`` of ``A`` and the extra column
@@ -330,7 +338,14 @@ def int8_dense_compute(
 
         def weight(jb, kb, lane, q):
             return w[jb, kb, lane, q]
-    if kp != k:
+    if isa == "avx2":  # widened once, so that each pair is one broadcast from memory
+        a_in = te.compute(
+            (m, kp),
+            lambda i, j: (tirx.if_then_else(j < k, a[i, j], tirx.const(0, "uint8"))
+                          if kp != k else a[i, j]).astype("int16"),
+            name="A_pad",
+        )
+    elif kp != k:
         a_in = te.compute(
             (m, kp),
             lambda i, j: tirx.if_then_else(j < k, a[i, j], tirx.const(0, "uint8")),
@@ -383,6 +398,8 @@ def schedule_int8_dense(
     ``mcpu="haswell"``).
     """
     intrin, lanes = _isa_intrin(isa)
+    if isa == "avx2":
+        intrin = AVX2_WIDE_INTRIN
     sch = Schedule(func)
     acc = sch.get_sblock("acc")
     loop_m, loop_n, loop_k = sch.get_loops(acc)

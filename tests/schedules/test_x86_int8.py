@@ -119,6 +119,7 @@ def test_avx2_asm_is_exact_sequence():
     asm = ex.mod.inspect_source("asm")
     assert "vpmaddwd" in asm and "vpdpbusd" not in asm
     assert "vpmaddubsw" not in asm  # saturating: not exact for u8 x s8
+    assert re.search(r"vpbroadcastd\s+-?\w*\(%", asm)  # A widened: pairs broadcast from memory
 
 
 def test_intrinsic_refuses_unpacked_weight():
