@@ -34,10 +34,9 @@ that fill AMX's tiles well enough (:func:`.int8_conv2d_amx.prefer_amx`,
 :func:`.int8_dense_amx.prefer_amx_dense`) run on :mod:`.int8_conv2d_amx` and
 :mod:`.int8_dense_amx`, and the rest on the AVX-512 VNNI kernels.
 The kernels use AVX-512 VNNI (``isa="avx512_vnni"``); on CPUs with AVX2 only
-(``isa="avx2"``) the regular convolutions (pixel-lane and channel-lane, by the same rule)
-and matmuls run on the same kernels tensorized with exact ``vpmaddwd`` blocks instead, and
-depthwise convolutions stay on TVM's default kernels (theirs is a VNNI kernel through and
-through).
+(``isa="avx2"``) the regular convolutions (pixel-lane and channel-lane, by the same rule),
+the matmuls and the depthwise convolutions (strides 1 and 2 along the row) run on the same
+kernels tensorized with exact ``vpmaddwd`` blocks instead.
 """
 
 from __future__ import annotations
@@ -406,11 +405,11 @@ class _Dispatcher(relax.PyExprMutator):
         padding (and the few rows and columns more that the kernel reads) is one ``nn.pad``
         before it."""
         attrs = m.anchor.attrs
-        if self.isa != "avx512_vnni" or str(attrs.data_layout) != "NCHW" or \
+        if str(attrs.data_layout) != "NCHW" or \
                 str(attrs.kernel_layout) != "OIHW" or any(int(d) != 1 for d in attrs.dilation):
             return None
         sh, sw = (int(s) for s in attrs.strides)
-        if sw > 3:
+        if sw > (2 if self.isa == "avx2" else 3):
             return None
         pad, pad_value, data = tuple(int(p) for p in attrs.padding), 0, m.data
         if m.pad is not None and not any(pad):
@@ -428,8 +427,8 @@ class _Dispatcher(relax.PyExprMutator):
         key = ("depthwise", n, c, oh, ow, kh, kw, sh, sw, m.requant, (hp, wp))
         gv = self._kernel(key, lambda: int8_depthwise_conv2d(
             n, c, oh, ow, kh, kw, (sh, sw), bias=True, requant=m.requant,
-            input_at_least=(hp, wp)))
-        return gv, [padded, pack_depthwise_weight(m.weight)]
+            input_at_least=(hp, wp), isa=self.isa))
+        return gv, [padded, pack_depthwise_weight(m.weight, self.isa)]
 
     def _conv_transpose(self, m: _Match):
         """Stride == kernel, no padding: a 1x1 conv to ``O * kh * kw`` channels +

@@ -31,6 +31,12 @@ that uses them. The epilogue runs on the finished rows, vectorized.
 Measured on PP-OCR (Zen 4, 2 threads, in the whole model, outputs identical): det 320
 7.20 -> 7.00 ms, rec 6.42 -> 6.00 ms against the default depthwise schedule plus separate
 lookup-table kernels (see ``benchmarks/NOTES.md``).
+
+AVX2 (``isa="avx2"``, strides 1 and 2 along the row): the same 4-column groups on
+:data:`.vnni_intrin.AVX2_WINDOW_INTRIN`, 8 outputs 2 input columns apart per call: a
+stride-2 row as it is, a stride-1 row as its even and its odd outputs (accumulated apart,
+interleaved by the epilogue). Per 8 outputs and 4 kernel columns: two widening loads, two
+``vpmaddwd`` with int16 weight pairs (packed widened) and two adds.
 """
 
 from __future__ import annotations
@@ -50,7 +56,10 @@ from .int8_dense import (
     _epilogue_params,
     default_target,
 )
-from .vnni_intrin import window_intrin
+from .vnni_intrin import AVX2_WINDOW_INTRIN, window_intrin
+
+#: Accumulators (ymm) of one AVX2 register tile.
+AVX2_TILE = 12
 
 
 def depthwise_output_size(h: int, w: int, kh: int, kw: int, sh: int, sw: int,
@@ -60,8 +69,10 @@ def depthwise_output_size(h: int, w: int, kh: int, kw: int, sh: int, sw: int,
     return (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
 
 
-def pack_depthwise_weight(w: np.ndarray) -> np.ndarray:
-    """``[C, 1, KH, KW]`` int8 -> ``[C, KH, ceil(KW/4), 4]`` (see the module docstring)."""
+def pack_depthwise_weight(w: np.ndarray, isa: str = "avx512_vnni") -> np.ndarray:
+    """``[C, 1, KH, KW]`` int8 -> ``[C, KH, ceil(KW/4), 4]`` (see the module docstring);
+    int16 for ``isa="avx2"``."""
+    _check_isa(isa)
     w = np.asarray(w)
     if w.ndim != 4 or w.shape[1] != 1 or w.dtype != np.int8:
         raise ValueError(f"pack_depthwise_weight wants an int8 [C, 1, KH, KW] weight, got "
@@ -70,7 +81,13 @@ def pack_depthwise_weight(w: np.ndarray) -> np.ndarray:
     kwp = _ceil_to(kw, KBLOCK)
     wp = np.zeros((c, kh, kwp), np.int8)
     wp[:, :, :kw] = w[:, 0]
-    return np.ascontiguousarray(wp.reshape(c, kh, kwp // KBLOCK, KBLOCK))
+    wp = wp.reshape(c, kh, kwp // KBLOCK, KBLOCK)
+    return np.ascontiguousarray(wp.astype(np.int16) if isa == "avx2" else wp)
+
+
+def _check_isa(isa: str) -> None:
+    if isa not in ("avx512_vnni", "avx2"):
+        raise ValueError(f"isa must be 'avx512_vnni' or 'avx2', got {isa!r}")
 
 
 def depthwise_reference(x: np.ndarray, w: np.ndarray, stride=(1, 1), pad=(0, 0, 0, 0),
@@ -90,12 +107,15 @@ def depthwise_reference(x: np.ndarray, w: np.ndarray, stride=(1, 1), pad=(0, 0, 
     return out
 
 
-def register_tile(oh: int, ow: int) -> tuple[int, int]:
+def register_tile(oh: int, ow: int, isa: str = "avx512_vnni") -> tuple[int, int]:
     """``(rows, chunk)``: output rows (a divisor of ``oh``, at most 4) x vectors of 16
-    pixels (a divisor of the row's vectors) accumulated in registers at a time, at most 24."""
+    pixels (a divisor of the row's vectors) accumulated in registers at a time, at most 24
+    (AVX2: at most 2 rows and 12 ymm accumulators, two per 16 pixels)."""
+    _check_isa(isa)
     nvec = _ceil_to(ow, LANES) // LANES
-    rows = max(d for d in range(1, min(oh, 4) + 1) if oh % d == 0)
-    chunk = max(d for d in range(1, min(nvec, 24 // rows) + 1) if nvec % d == 0)
+    most_rows, most = (2, AVX2_TILE // 2) if isa == "avx2" else (4, 24)
+    rows = max(d for d in range(1, min(oh, most_rows) + 1) if oh % d == 0)
+    chunk = max(d for d in range(1, min(nvec, most // rows) + 1) if nvec % d == 0)
     return rows, chunk
 
 
@@ -126,21 +146,26 @@ def int8_depthwise_conv2d_compute(
     bias: bool = False,
     requant: Requant | None = None,
     input_at_least: tuple[int, int] = (0, 0),
+    isa: str = "avx512_vnni",
 ) -> tirx.PrimFunc:
     """The unscheduled PrimFunc: blocks ``acc``, ``out``; the input is
     ``[n, c, *depthwise_input_size(..., input_at_least)]``, already padded."""
+    _check_isa(isa)
     sh, sw = (int(s) for s in stride)
-    if min(oh, ow, kh, kw, sh, sw) < 1 or sw > 3:
-        raise ValueError(f"bad sizes: output {oh}x{ow}, kernel {kh}x{kw}, stride {stride}")
+    if min(oh, ow, kh, kw, sh, sw) < 1 or sw > (2 if isa == "avx2" else 3):
+        raise ValueError(f"bad sizes: output {oh}x{ow}, kernel {kh}x{kw}, stride {stride}"
+                         f" ({isa})")
     h, w = depthwise_input_size(oh, ow, kh, kw, sh, sw, input_at_least)
     groups = _ceil_to(kw, KBLOCK) // KBLOCK
     owp = _ceil_to(ow, LANES)
 
     x = te.placeholder((n, c, h, w), "uint8", name="x")
-    wt = te.placeholder((c, kh, groups, KBLOCK), "int8", name="W")
+    wt = te.placeholder((c, kh, groups, KBLOCK), "int16" if isa == "avx2" else "int8", name="W")
     rr = te.reduce_axis((0, kh), name="rr")
     rg = te.reduce_axis((0, groups), name="rg")
     rj = te.reduce_axis((0, KBLOCK), name="rj")
+    if isa == "avx2":
+        return _avx2_compute(x, wt, (rr, rg, rj), oh, ow, owp, (sh, sw), bias, requant)
     acc = te.compute(
         (n, c, oh, owp),
         lambda b, ch, y, xx: te.sum(
@@ -160,12 +185,89 @@ def int8_depthwise_conv2d_compute(
     return te.create_prim_func([*params, out])
 
 
+def _avx2_compute(x, wt, axes, oh, ow, owp, stride, bias, requant) -> tirx.PrimFunc:
+    """The AVX2 form of :func:`int8_depthwise_conv2d_compute`: block ``acc`` is
+    ``[n, c, oh, owp / 16, 2, 8]`` (a stride-1 row: each 16 pixels as their even and odd
+    outputs) or ``[n, c, oh, owp / 8, 1, 8]`` (stride 2), so that 8 outputs of an
+    intrinsic call read their input 2 columns apart."""
+    n, c = (int(d) for d in x.shape[:2])
+    rr, rg, rj = axes
+    sh, sw = stride
+    half = 8
+    if sw == 1:
+        shape = (n, c, oh, owp // LANES, 2, half)
+
+        def col(xo, par, j):
+            return xo * LANES + 2 * j + par
+
+        def at(b, ch, y, xx):
+            return acc[b, ch, y, xx // LANES, xx % 2, xx % LANES // 2]
+    else:
+        shape = (n, c, oh, owp // half, 1, half)
+
+        def col(xo, par, j):
+            return xo * half + j
+
+        def at(b, ch, y, xx):
+            return acc[b, ch, y, xx // half, 0, xx % half]
+    acc = te.compute(
+        shape,
+        lambda b, ch, y, xo, par, j: te.sum(
+            x[b, ch, y * sh + rr, col(xo, par, j) * sw + rg * KBLOCK + rj].astype("int32")
+            * wt[ch, rr, rg, rj].astype("int32"),
+            axis=[rr, rg, rj],
+        ),
+        name="acc",
+    )
+    params = [x, wt]
+    b_t, m0_t, sh_t, lut_t = _epilogue_params(c, bias, requant, params)
+    out = te.compute(
+        (n, c, oh, ow),
+        lambda b, ch, y, xx: _epilogue_expr(at(b, ch, y, xx), ch, b_t, m0_t, sh_t, requant,
+                                            lut_t),
+        name="out",
+    )
+    return te.create_prim_func([*params, out])
+
+
+def _schedule_avx2(sch: Schedule, *, chunk: int, rows: int, stride: int) -> tvm.IRModule:
+    acc = sch.get_sblock("acc")
+    b, ch, y, xo, par, j, rr, rg, rj = sch.get_loops(acc)
+    if stride == 2:  # vectors of 8 outputs: twice as many per 16 pixels
+        chunk *= 2
+    yo, yi = sch.split(y, [None, rows])
+    xoo, xc = sch.split(xo, [None, chunk])
+    sch.reorder(b, ch, yo, xoo, rg, rr, yi, xc, par, j, rj)
+    task = sch.fuse(b, ch, yo)
+    sch.parallel(task)
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, task, preserve_unit_loops=True)
+    init = sch.decompose_reduction(acc, rg)
+    sch.tensorize(j, AVX2_WINDOW_INTRIN)
+    sch.unroll(rr)
+    sch.unroll(yi)
+    sch.unroll(xc)
+    sch.unroll(par)
+    sch.vectorize(sch.get_loops(init)[-1])
+    ol = sch.get_loops(out)[-1]
+    extent = int(sch.get(ol).extent)
+    vec = row_vector_length(extent, LANES)
+    if vec is not None:
+        if vec < extent:
+            ol = sch.split(ol, [None, vec])[1]
+        sch.vectorize(ol)
+    return sch.mod
+
+
 def schedule_int8_depthwise_conv2d(func: tirx.PrimFunc, *, chunk: int, rows: int,
-                                   stride: int) -> tvm.IRModule:
+                                   stride: int, isa: str = "avx512_vnni") -> tvm.IRModule:
     """Parallelise and tensorize a PrimFunc made by :func:`int8_depthwise_conv2d_compute`:
     ``rows`` output rows x ``chunk`` vectors of 16 pixels per register tile (``stride``:
     along the row)."""
+    _check_isa(isa)
     sch = Schedule(func)
+    if isa == "avx2":
+        return _schedule_avx2(sch, chunk=chunk, rows=rows, stride=stride)
     acc = sch.get_sblock("acc")
     b, ch, y, xx, rr, rg, rj = sch.get_loops(acc)
     yo, yi = sch.split(y, [None, rows])
@@ -205,18 +307,22 @@ def int8_depthwise_conv2d(
     bias: bool = False,
     requant: Requant | None = None,
     input_at_least: tuple[int, int] = (0, 0),
+    isa: str = "avx512_vnni",
 ) -> tvm.IRModule:
     """Scheduled, tensorized IRModule (PrimFunc ``"main"``) of the depthwise kernel.
 
     PrimFunc parameters: ``x`` (``[n, c, *depthwise_input_size(..., input_at_least)]``,
-    padded), ``W`` (packed), ``[bias], [m0, shift], [lut], out``.
+    padded), ``W`` (packed for ``isa``), ``[bias], [m0, shift], [lut], out``.
     """
     func = int8_depthwise_conv2d_compute(n, c, oh, ow, kh, kw, stride, bias=bias,
-                                         requant=requant, input_at_least=input_at_least)
-    rows, chunk = register_tile(oh, ow)
-    return schedule_int8_depthwise_conv2d(func, chunk=chunk, rows=rows, stride=stride[1])
+                                         requant=requant, input_at_least=input_at_least,
+                                         isa=isa)
+    rows, chunk = register_tile(oh, ow, isa)
+    return schedule_int8_depthwise_conv2d(func, chunk=chunk, rows=rows, stride=stride[1],
+                                          isa=isa)
 
 
 def build_int8_depthwise_conv2d(*args, target: tvm.target.Target | None = None, **kwargs):
     """Compile :func:`int8_depthwise_conv2d`; ``tvm.compile``'s executable (``"main"``)."""
-    return tvm.compile(int8_depthwise_conv2d(*args, **kwargs), target or default_target())
+    isa = kwargs.get("isa", "avx512_vnni")
+    return tvm.compile(int8_depthwise_conv2d(*args, **kwargs), target or default_target(isa))

@@ -29,6 +29,14 @@ Registered under tvmquant's own names (never over TVM's upstream ``dot_16x4_vnni
     ``vpmaddwd`` (8 pixels x one channel pair each, the pair's two weights broadcast as one
     int32) and four ``vpaddd``. Exact for every uint8 x int8 input.
 
+``tvmquant_dot_8x4_avx2_window`` (:data:`AVX2_WINDOW_INTRIN`)
+    ``C[j] += sum_k int32(A[2j + k]) * int32(B[k])`` (``j < 8``, ``k < 4``): 8 outputs of a
+    depthwise row, 2 input columns apart (stride 2, or the even or the odd outputs of a
+    stride-1 row) x 4 kernel columns, for AVX2 CPUs. Two 16-byte loads of the row (at 0
+    and 2) widened to int16 (``vpmovzxbw``) hold the pairs ``(A[2j], A[2j+1])`` and
+    ``(A[2j+2], A[2j+3])``; two ``vpmaddwd`` with the weight pairs (int16, broadcast) add
+    them. Exact for every uint8 x int8 input.
+
 ``tvmquant_dot_8x4_avx2_i16_wide`` (:data:`AVX2_WIDE_INTRIN`)
     :data:`AVX2_INTRIN` on an input that the conv kernel's re-layout already widened to
     int16 (``A`` int16[4]): each pair is one ``vpbroadcastd`` from memory instead of byte
@@ -60,6 +68,7 @@ VNNI_INTRIN = "tvmquant_dot_16x4_vnni"
 AVX2_INTRIN = "tvmquant_dot_8x4_avx2_i16"
 AVX2_PIXELS_INTRIN = "tvmquant_dot_16x4_avx2_pixels"
 AVX2_WIDE_INTRIN = "tvmquant_dot_8x4_avx2_i16_wide"
+AVX2_WINDOW_INTRIN = "tvmquant_dot_8x4_avx2_window"
 
 #: Output lanes and reduction depth of each intrinsic.
 VNNI_LANES, AVX2_LANES, DOT_K = 16, 8, 4
@@ -210,6 +219,48 @@ def _avx2_wide_impl(
                 T.reinterpret(T.broadcast(T.reinterpret(A.vload([2], "int16x2"), dtype="int32"),
                                           8), dtype="int16x16"),
                 B.vload([1, 0, 0], dtype="int16x16"),
+                dtype="int32x8",
+            )
+
+
+@T.prim_func(s_tir=True)
+def _avx2_window_desc(
+    A: T.Buffer((18,), "uint8", offset_factor=1),
+    B: T.Buffer((4,), "int16", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:18], B[0:4])
+        T.writes(C[0:8])
+        for j in T.serial(0, 8):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vj, vk = T.axis.remap("SR", [j, k])
+                    C[vj] = C[vj] + T.cast(A[vj * 2 + vk], "int32") * T.cast(B[vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _avx2_window_impl(
+    A: T.Buffer((18,), "uint8", offset_factor=1),
+    B: T.Buffer((4,), "int16", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:18], B[0:4])
+        T.writes(C[0:8])
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + \
+            T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.Cast("int16x16", A.vload([0], dtype="uint8x16")),
+                T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int16x2"), dtype="int32"),
+                                          8), dtype="int16x16"),
+                dtype="int32x8",
+            ) + \
+            T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.Cast("int16x16", A.vload([2], dtype="uint8x16")),
+                T.reinterpret(T.broadcast(T.reinterpret(B.vload([2], "int16x2"), dtype="int32"),
+                                          8), dtype="int16x16"),
                 dtype="int32x8",
             )
 
@@ -368,6 +419,8 @@ def register() -> None:
         TensorIntrin.register(AVX2_INTRIN, _avx2_i16_desc, _avx2_i16_impl)
     if TensorIntrin.get(PIXELS_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(PIXELS_INTRIN, _pixels_desc, _pixels_impl)
+    if TensorIntrin.get(AVX2_WINDOW_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(AVX2_WINDOW_INTRIN, _avx2_window_desc, _avx2_window_impl)
     if TensorIntrin.get(AVX2_WIDE_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(AVX2_WIDE_INTRIN, _avx2_wide_desc, _avx2_wide_impl)
     if TensorIntrin.get(AVX2_PIXELS_INTRIN, allow_missing=True) is None:

@@ -79,16 +79,16 @@ AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
 
 
 def test_avx2_target_dispatches_regular_convs_and_dense(quantized):
-    """On an AVX2-only CPU the regular convs run on the kernels' exact AVX2 form; the
-    depthwise conv (a VNNI kernel through and through) stays on the defaults."""
+    """On an AVX2-only CPU the regular and depthwise convs and the dense run on the
+    kernels' exact AVX2 form."""
     assert target_isa(TARGET) == "avx512_vnni" and target_isa(AVX2) == "avx2"
     assert target_isa(tvm.target.Target({"kind": "llvm", "mcpu": "core2"})) is None
     phases = fusion_phases(AVX2)
     assert any(getattr(p, "isa", None) == "avx2" for p in phases)
     after = DispatchX86Int8(isa="avx2")(quantized.mod)
     relax.analysis.well_formed(after)
-    assert _call_tir_count(after) == 3
-    assert after["main"].script().count("R.nn.conv2d") == 1  # the depthwise one
+    assert _call_tir_count(after) == 4
+    assert after["main"].script().count("R.nn.conv2d") == 0  # the depthwise one too
     with pytest.raises(ValueError, match="isa"):
         DispatchX86Int8(isa="avx512")
     ex = tvm.compile(after, AVX2)

@@ -1,4 +1,5 @@
-"""The VNNI depthwise conv kernel (tvmquant.schedules.x86.int8_depthwise_conv2d) against NumPy.
+"""The depthwise conv kernel (tvmquant.schedules.x86.int8_depthwise_conv2d), VNNI and AVX2,
+against NumPy.
 
 Kernels that run VNNI code check /proc/cpuinfo first and skip with the reason otherwise; the
 packing, sizing and assembly checks compile and run anywhere.
@@ -16,14 +17,18 @@ from tvmquant.schedules.x86 import int8_depthwise_conv2d as dw
 
 from tvmquant.numerics import dyadic
 
+ISAS = ["avx512_vnni", "avx2"]
 
-def _need_vnni() -> None:
+
+def _need(isa: str = "avx512_vnni") -> None:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
-        flags = ""
-    if "avx512_vnni" not in flags or "avx512_vbmi" not in flags:
-        pytest.skip("this CPU lacks avx512_vnni or avx512_vbmi (per /proc/cpuinfo): "
+        flags = []
+    wanted = ["avx512_vnni", "avx512_vbmi"] if isa == "avx512_vnni" else [isa]
+    missing = [f for f in wanted if f not in flags]
+    if missing:
+        pytest.skip(f"this CPU lacks {' and '.join(missing)} (per /proc/cpuinfo): "
                     "cannot run the kernel here")
 
 
@@ -58,6 +63,21 @@ def test_pack_depthwise_weight_layout():
     assert not p[..., 3].any()  # the 4th column of the group is zero
     with pytest.raises(ValueError, match="C, 1, KH, KW"):
         dw.pack_depthwise_weight(np.zeros((6, 2, 3, 3), np.int8))
+    wide = dw.pack_depthwise_weight(w, "avx2")  # the same layout in int16 (vpmaddwd pairs)
+    assert wide.dtype == np.int16 and np.array_equal(wide, p.astype(np.int16))
+
+
+def test_avx2_asm_is_vpmaddwd_on_widened_windows():
+    """Per 8 outputs x 4 kernel columns: two widening loads and two ``vpmaddwd``; nothing
+    from AVX-512."""
+    ex = dw.build_int8_depthwise_conv2d(1, 8, 6, 32, 3, 3, (1, 1), isa="avx2")
+    asm = ex.mod.inspect_source("asm")
+    assert "vpmaddwd" in asm and "vpmovzxbw" in asm
+    assert "zmm" not in asm and "vpdpbusd" not in asm
+    # a register tile of 2 rows x 2 vectors of 16 x (even, odd) x 3 kernel rows x 2 column
+    # pairs, unrolled
+    assert dw.register_tile(6, 32, "avx2") == (2, 2)
+    assert asm.count("vpmaddwd") == 2 * 2 * 2 * 3 * 2
 
 
 @pytest.mark.parametrize("oh, ow, kh, kw, sh, sw", [
@@ -109,8 +129,9 @@ REQUANTS = [
     *c[:5], *c[5]))
 @pytest.mark.parametrize("rq", REQUANTS, ids=["int32", "u8", "lut-u8-65536", "lut-i8-301",
                                                "gate-u8"])
-def test_depthwise_exact(case, rq):
-    _need_vnni()
+@pytest.mark.parametrize("isa", ISAS)
+def test_depthwise_exact(case, rq, isa):
+    _need(isa)
     c, h, w, kh, kw, stride, pad = case
     rng = np.random.default_rng()  # fresh inputs every run
     x = rng.integers(0, 256, (1, c, h, w)).astype(np.uint8)
@@ -118,7 +139,7 @@ def test_depthwise_exact(case, rq):
     pad_value = int(rng.integers(0, 256))
     xk, (oh, ow), hpwp = _kernel_input(x, kh, kw, stride, pad, pad_value, rng)
     acc = dw.depthwise_reference(x, wt, stride, pad, pad_value)
-    args = [xk, dw.pack_depthwise_weight(wt)]
+    args = [xk, dw.pack_depthwise_weight(wt, isa)]
     dtype = np.int32
     if rq is None:
         ref = acc
@@ -133,15 +154,16 @@ def test_depthwise_exact(case, rq):
                                        lut=table)
         dtype = rq.result_dtype
     got = _run(((1, c, oh, ow, kh, kw, stride),
-                {"bias": rq is not None, "requant": rq, "input_at_least": hpwp}),
+                {"bias": rq is not None, "requant": rq, "input_at_least": hpwp, "isa": isa}),
                args, (1, c, oh, ow), dtype)
     np.testing.assert_array_equal(got, ref)
 
 
-def test_bias_wraps_around_as_int32():
+@pytest.mark.parametrize("isa", ISAS)
+def test_bias_wraps_around_as_int32(isa):
     """A dead channel of PP-OCR rec: one weight, a bias of -2**31 + 1523, shift 53. The int32
     add wraps as in the graph (LLVM widened a plain add before the int64 multiply)."""
-    _need_vnni()
+    _need(isa)
     rng = np.random.default_rng()
     c, h, w = 3, 6, 20
     x = rng.integers(0, 256, (1, c, h, w)).astype(np.uint8)
@@ -154,11 +176,14 @@ def test_bias_wraps_around_as_int32():
     acc = dw.depthwise_reference(x, wt, (1, 1), (2, 2, 2, 2), 12).astype(np.int32)
     ref = dense.epilogue_reference(acc, bias, m0, sh, rq, axis=1)
     got = _run(((1, c, oh, ow, 5, 5, (1, 1)),
-                {"bias": True, "requant": rq, "input_at_least": hpwp}),
-               [xk, dw.pack_depthwise_weight(wt), bias, m0, sh], (1, c, oh, ow), np.int16)
+                {"bias": True, "requant": rq, "input_at_least": hpwp, "isa": isa}),
+               [xk, dw.pack_depthwise_weight(wt, isa), bias, m0, sh], (1, c, oh, ow),
+               np.int16)
     np.testing.assert_array_equal(got, ref)
 
 
 def test_refuses_bad_sizes():
     with pytest.raises(ValueError, match="bad sizes"):
         dw.int8_depthwise_conv2d(1, 4, 6, 6, 3, 3, (1, 4))
+    with pytest.raises(ValueError, match="bad sizes"):  # AVX2: strides 1 and 2 along rows
+        dw.int8_depthwise_conv2d(1, 4, 6, 6, 3, 3, (1, 3), isa="avx2")
