@@ -41,6 +41,8 @@ kernels tensorized with exact ``vpmaddwd`` blocks instead.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -123,6 +125,17 @@ class _Match:
         """The kernel's last epilogue input: a lookup table, or an integer gate's parameters."""
         self.pad: tuple[tuple[int, int, int, int], int, relax.Expr] | None = None
         """``((top, left, bottom, right), value, unpadded input)`` of a pad before a conv."""
+
+
+def _use_high_word(m: _Match) -> None:
+    """Requantize ``m`` from the product's high word (``Requant.high_word``) when every
+    channel's shift is in 33..62. Only on AVX2, where the int64 form is slow (no 64-bit
+    arithmetic shift); on AVX-512 it measured level (``benchmarks/NOTES.md``), and the VNNI
+    kernels keep the form their benchmarks were measured with."""
+    if m.requant is None or m.shift is None or not len(m.shift):
+        return
+    if 33 <= int(np.min(m.shift)) and int(np.max(m.shift)) <= 62:
+        m.requant = dataclasses.replace(m.requant, high_word=True)
 
 
 def _has_table(m: _Match) -> bool:
@@ -314,6 +327,9 @@ class _Dispatcher(relax.PyExprMutator):
         # an AMX CPU runs what AMX does not take on its AVX-512 VNNI kernels
         self.amx = amx_backend if isa == "amx" else None
         self.matches, self.isa = matches, "avx512_vnni" if isa == "amx" else isa
+        if self.isa == "avx2":
+            for m in matches.values():
+                _use_high_word(m)
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.count = 0
 

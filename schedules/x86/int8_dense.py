@@ -141,6 +141,12 @@ class Requant:
     lut_dtype: str = "uint8"
     gate: Gate | None = None
     """An integer gate applied after the clamp (None: none)."""
+    high_word: bool = False
+    """Every channel's shift is in 33..62 (the caller checked the constants): the product's
+    high word alone gives the same result, ``(hi32(x * m0) + 2^(s - 33)) >> (s - 32)``, in
+    int32 (the rounding constant ``2^(s - 1)`` is a multiple of ``2^32``, so the low word
+    cannot carry into it). AVX2 has no 64-bit arithmetic shift: there the int64 form costs
+    about twice as many instructions."""
 
     def __post_init__(self):
         if self.out_dtype not in ("uint8", "int8", "int16"):
@@ -241,12 +247,26 @@ def _epilogue_expr(x, n, bias, m0, shift, requant: Requant | None, lut=None):
         x = (x.astype("int64") + bias[n].astype("int64")).astype("int32")
     if requant is None:
         return x
-    sh = shift[n].astype("int64")
-    one = tirx.const(1, "int64")
-    half = tirx.if_then_else(sh > 0, tirx.shift_left(one, sh - one), tirx.const(0, "int64"))
-    y = tirx.shift_right(x.astype("int64") * m0[n].astype("int64") + half, sh)
-    y = y + tirx.const(requant.zero_point, "int64")
-    y = tirx.max(tirx.min(y, tirx.const(requant.hi, "int64")), tirx.const(requant.lo, "int64"))
+    if requant.high_word:
+        hi = tirx.shift_right(x.astype("int64") * m0[n].astype("int64"),
+                              tirx.const(32, "int64")).astype("int32")
+        one = tirx.const(1, "int32")
+        # (bounded although every shift is in 33..62: with a run-time shift amount that the
+        # simplifier cannot bound, it dropped the clamp after it, and bytes wrapped)
+        sh = tirx.max(tirx.min(shift[n] - 32, tirx.const(30, "int32")), one)
+        y = tirx.shift_right(hi + tirx.shift_left(one, sh - one), sh)
+        y = y + tirx.const(requant.zero_point, "int32")
+        y = tirx.max(tirx.min(y, tirx.const(requant.hi, "int32")),
+                     tirx.const(requant.lo, "int32"))
+    else:
+        sh = shift[n].astype("int64")
+        one = tirx.const(1, "int64")
+        half = tirx.if_then_else(sh > 0, tirx.shift_left(one, sh - one),
+                                 tirx.const(0, "int64"))
+        y = tirx.shift_right(x.astype("int64") * m0[n].astype("int64") + half, sh)
+        y = y + tirx.const(requant.zero_point, "int64")
+        y = tirx.max(tirx.min(y, tirx.const(requant.hi, "int64")),
+                     tirx.const(requant.lo, "int64"))
     if lut is None:  # (a conv looks its table up later, in channel-plane order)
         return y.astype(requant.out_dtype)
     return _activation(y, requant, lut)

@@ -7,6 +7,7 @@ only compile and run anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -478,3 +479,70 @@ def test_dense_in_relax_call_tir():
     got = vm["main"](tvm.runtime.tensor(a)).numpy()
     acc = (a.astype(np.int64) @ w.astype(np.int64)).astype(np.int32)
     np.testing.assert_array_equal(got, dense.epilogue_reference(acc, b, m0, sh, rq))
+
+
+# --------------------------------------------------------------------------------------------
+# requantization from the product's high word (Requant.high_word, every shift in 33..62)
+# --------------------------------------------------------------------------------------------
+HIGH_WORD_REQUANTS = [
+    dense.Requant(3, 0, 255, "uint8", high_word=True),
+    dense.Requant(-5, -100, 90, "int8", high_word=True),
+    dense.Requant(-40, -30000, 32000, "int16", high_word=True),
+    dense.Requant(-40, -300, 500, "int16", gate=dense.Gate("int8", -100, 90), high_word=True),
+]
+
+
+def _high_word_params(rng, n):
+    """Biases over the whole int32 range (the sums wrap), every shift from 33 to 62, and
+    multipliers from 1 to 2**31 - 1, so that the outputs spread over the clamp range."""
+    bias = rng.integers(-(2**31), 2**31, n).astype(np.int32)
+    sh = (33 + np.arange(n) % 30).astype(np.int32)
+    m0 = np.minimum(2.0 ** (sh - 31) * rng.uniform(0.5, 400.0, n), 2**31 - 1).astype(np.int32)
+    return bias, np.maximum(m0, 1), sh
+
+
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx2"])
+@pytest.mark.parametrize("rq", HIGH_WORD_REQUANTS, ids=["u8", "i8", "i16", "gate-i8"])
+def test_high_word_requantization_exact(rq, isa):
+    """The int32 high-word form gives the int64 reference's bytes, in the dense kernel and
+    in the pixel-lane conv's row epilogue, at every shift it is used for."""
+    _need(isa)
+    from tvmquant.schedules.x86 import int8_conv2d_pixels as px
+
+    rng = np.random.default_rng()
+    m, n, k = 7, 60, 200
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    a[0], w[0] = 255, -128
+    bias, m0, sh = _high_word_params(rng, n)
+    table = epilogue_operand(rng, rq)
+    extra = [table] if table is not None else []
+    plain = dataclasses.replace(rq, high_word=False)
+    acc = (a.astype(np.int64) @ w.T.astype(np.int64)).astype(np.int32)
+    ref = dense.epilogue_reference(acc, bias, m0, sh, plain, lut=table)
+    pre = dense.epilogue_reference(acc, bias, m0, sh, dataclasses.replace(plain, gate=None))
+    assert len(np.unique(pre)) > 20  # the requantized values spread, not all clamped
+    ex = dense.build_int8_dense(m, n, k, bias=True, requant=rq, isa=isa)
+    got = _run(ex, [a, dense.pack_weight(w, "NK", isa), bias, m0, sh, *extra], (m, n),
+               rq.result_dtype)
+    np.testing.assert_array_equal(got, ref)
+    # the same on a 1x1 conv with pixels on the lanes (its epilogue runs on rows)
+    x = a.T.reshape(1, k, 1, m)
+    wc = w.reshape(n, k, 1, 1)
+    ex = px.build_int8_conv2d_pixels(1, k, 1, m, n, 1, 1, bias=True, requant=rq, isa=isa)
+    got = _run(ex, [x, px.pack_conv_weight_pixels(wc, isa), bias, m0, sh, *extra],
+               (1, n, 1, m), rq.result_dtype)
+    np.testing.assert_array_equal(got, ref.T.reshape(1, n, 1, m))
+
+
+def test_avx2_dispatch_requantizes_from_the_high_word_when_every_shift_allows():
+    from tvmquant.schedules.x86.dispatch import _Match, _use_high_word
+
+    def match(shifts):
+        return _Match(None, None, None, None, np.ones(len(shifts), np.int32),
+                      np.array(shifts, np.int32), dense.Requant(3, 0, 255), None)
+
+    for shifts, expected in [([33, 40, 62], True), ([32, 40], False), ([40, 63], False)]:
+        m = match(shifts)
+        _use_high_word(m)
+        assert m.requant.high_word is expected, shifts
