@@ -230,35 +230,6 @@ def _avx2_compute(x, wt, axes, oh, ow, owp, stride, bias, requant) -> tirx.PrimF
     return te.create_prim_func([*params, out])
 
 
-def _schedule_avx2(sch: Schedule, *, chunk: int, rows: int, stride: int) -> tvm.IRModule:
-    acc = sch.get_sblock("acc")
-    b, ch, y, xo, par, j, rr, rg, rj = sch.get_loops(acc)
-    if stride == 2:  # vectors of 8 outputs: twice as many per 16 pixels
-        chunk *= 2
-    yo, yi = sch.split(y, [None, rows])
-    xoo, xc = sch.split(xo, [None, chunk])
-    sch.reorder(b, ch, yo, xoo, rg, rr, yi, xc, par, j, rj)
-    task = sch.fuse(b, ch, yo)
-    sch.parallel(task)
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, task, preserve_unit_loops=True)
-    init = sch.decompose_reduction(acc, rg)
-    sch.tensorize(j, AVX2_WINDOW_INTRIN)
-    sch.unroll(rr)
-    sch.unroll(yi)
-    sch.unroll(xc)
-    sch.unroll(par)
-    sch.vectorize(sch.get_loops(init)[-1])
-    ol = sch.get_loops(out)[-1]
-    extent = int(sch.get(ol).extent)
-    vec = row_vector_length(extent, LANES)
-    if vec is not None:
-        if vec < extent:
-            ol = sch.split(ol, [None, vec])[1]
-        sch.vectorize(ol)
-    return sch.mod
-
-
 def schedule_int8_depthwise_conv2d(func: tirx.PrimFunc, *, chunk: int, rows: int,
                                    stride: int, isa: str = "avx512_vnni") -> tvm.IRModule:
     """Parallelise and tensorize a PrimFunc made by :func:`int8_depthwise_conv2d_compute`:
@@ -266,24 +237,27 @@ def schedule_int8_depthwise_conv2d(func: tirx.PrimFunc, *, chunk: int, rows: int
     along the row)."""
     _check_isa(isa)
     sch = Schedule(func)
-    if isa == "avx2":
-        return _schedule_avx2(sch, chunk=chunk, rows=rows, stride=stride)
     acc = sch.get_sblock("acc")
-    b, ch, y, xx, rr, rg, rj = sch.get_loops(acc)
+    if isa == "avx2":  # vectors of 8 outputs: (even, odd) per 16 pixels, or 2 at stride 2
+        b, ch, y, xx, par, xi, rr, rg, rj = sch.get_loops(acc)
+        xo, xc = sch.split(xx, [None, chunk * 2 if stride == 2 else chunk])
+        inner = [par]
+    else:
+        b, ch, y, xx, rr, rg, rj = sch.get_loops(acc)
+        xo, xc, xi = sch.split(xx, [None, chunk, LANES])
+        inner = []
     yo, yi = sch.split(y, [None, rows])
-    xo, xc, xi = sch.split(xx, [None, chunk, LANES])
-    sch.reorder(b, ch, yo, xo, rg, rr, yi, xc, xi, rj)
+    sch.reorder(b, ch, yo, xo, rg, rr, yi, xc, *inner, xi, rj)
     task = sch.fuse(b, ch, yo)
     sch.parallel(task)
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, task, preserve_unit_loops=True)
     init = sch.decompose_reduction(acc, rg)
-    sch.tensorize(xi, window_intrin(stride))
+    sch.tensorize(xi, AVX2_WINDOW_INTRIN if isa == "avx2" else window_intrin(stride))
     # unrolled, the kernel rows x output rows of a tile read each input row's windows once
     # (LLVM merges the equal loads and byte shuffles of output row y + kernel row r)
-    sch.unroll(rr)
-    sch.unroll(yi)
-    sch.unroll(xc)
+    for loop in (rr, yi, xc, *inner):
+        sch.unroll(loop)
     sch.vectorize(sch.get_loops(init)[-1])
     ol = sch.get_loops(out)[-1]
     extent = int(sch.get(ol).extent)

@@ -130,21 +130,27 @@ def _vnni_impl(
 #: the conv kernel moved over).
 
 
-@T.prim_func(s_tir=True)
-def _avx2_i16_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((2, 8, 2), "int16", strides=[32, 2, 1], offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:2, 0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vk // 2, vi, vk % 2],
-                                                                    "int32")
+def _avx2_desc(a_dtype: str):
+    """The description of the AVX2 8x4 block on a uint8 (:data:`AVX2_INTRIN`) or an
+    already widened int16 (:data:`AVX2_WIDE_INTRIN`) activation."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), a_dtype, offset_factor=1),
+        B: T.Buffer((2, 8, 2), "int16", strides=[32, 2, 1], offset_factor=1),
+        C: T.Buffer((8,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:2, 0:8, 0:2])
+            T.writes(C[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * \
+                            T.cast(B[vk // 2, vi, vk % 2], "int32")
+
+    return desc
 
 
 @T.prim_func(s_tir=True)
@@ -178,23 +184,6 @@ def _avx2_i16_impl(
                 B.vload([1, 0, 0], dtype="int16x16"),
                 dtype="int32x8",
             )
-
-
-@T.prim_func(s_tir=True)
-def _avx2_wide_desc(
-    A: T.Buffer((4,), "int16", offset_factor=1),
-    B: T.Buffer((2, 8, 2), "int16", strides=[32, 2, 1], offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:2, 0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vk // 2, vi, vk % 2],
-                                                                    "int32")
 
 
 @T.prim_func(s_tir=True)
@@ -416,13 +405,13 @@ def register() -> None:
     if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(VNNI_INTRIN, _vnni_desc, _vnni_impl)
     if TensorIntrin.get(AVX2_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(AVX2_INTRIN, _avx2_i16_desc, _avx2_i16_impl)
+        TensorIntrin.register(AVX2_INTRIN, _avx2_desc("uint8"), _avx2_i16_impl)
     if TensorIntrin.get(PIXELS_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(PIXELS_INTRIN, _pixels_desc, _pixels_impl)
     if TensorIntrin.get(AVX2_WINDOW_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(AVX2_WINDOW_INTRIN, _avx2_window_desc, _avx2_window_impl)
     if TensorIntrin.get(AVX2_WIDE_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(AVX2_WIDE_INTRIN, _avx2_wide_desc, _avx2_wide_impl)
+        TensorIntrin.register(AVX2_WIDE_INTRIN, _avx2_desc("int16"), _avx2_wide_impl)
     if TensorIntrin.get(AVX2_PIXELS_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(AVX2_PIXELS_INTRIN, _avx2_pixels_desc, _avx2_pixels_impl)
 
