@@ -135,7 +135,8 @@ def main(argv=None) -> int:
               f"| {r['layers']['integer_layers']}/{r['layers']['layers']} | {flt} |")
     print(f"\nReports: {out_dir}/*.json. Both TVM columns use tvmquant's build pipeline "
           "(fused operators, default CPU schedules; int8 convolutions and matmuls on the VNNI "
-          "kernels where the CPU has them), untuned. All engines and ratios side by side: "
+          "kernels where the CPU has them, on their exact AVX2 forms where it has AVX2 only), "
+          "untuned. All engines and ratios side by side: "
           "`make bench` (benchmarks/README.md).")
     return 0
 

@@ -99,8 +99,11 @@ def test_interrupted_run_keeps_its_candidates_and_resumes(tmp_path):
         from tvmquant.testing import random_inputs, small_convnet
         q = tvmquant.quantize(small_convnet(), random_inputs(4), "int8", progress=False)
         target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})
+        # every task (max_tasks above their number): which 3 of several small kernels are
+        # the largest depends on timings, and a resumed run that picks other tasks than the
+        # interrupted one does not count the candidates it already has
         rep = tuning.tune(q.mod, target, sys.argv[1], trials=int(sys.argv[2]),
-                          trials_per_iter=4, progress=False, max_tasks=3, min_share=0.0)
+                          trials_per_iter=4, progress=False, max_tasks=99, min_share=0.0)
         print("RESULT", rep.trials_run, rep.interrupted, flush=True)
     """)
     path = tmp_path / "tune_script.py"
