@@ -37,10 +37,11 @@ Layouts
 
 Schedule: register tiles of ``mb`` vectors of 16 pixels along an output row x ``nb`` output
 channels (``mb * nb`` zmm accumulators, at most 28; with AVX2 ``2 * mb * nb`` ymm, at most
-12); the (channel group, image, output row)
-triples are spread over the cores; the reduction over (channel block, kh, kw) runs inside the
-tile, so each 64-byte input load serves ``nb`` instructions. The epilogue runs on the
-finished row, vectorized along it.
+12); the (channel group, image, output row) triples are spread over the cores (with AVX2
+(image, output row, channel group): a row's channel groups one after the other, its input
+rows still in cache); the reduction over (channel block, kh, kw) runs inside the tile, so
+each 64-byte input load serves ``nb`` instructions. The epilogue runs on the finished row,
+vectorized along it.
 """
 
 from __future__ import annotations
