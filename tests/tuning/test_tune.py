@@ -160,6 +160,26 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def test_tensor_intrinsics_import_whole_and_leave_inspect_as_it_was():
+    """The fast import of ``tvm.s_tir.tensor_intrin`` (which ``TuneContext`` does) registers
+    every target's intrinsics, CUDA's too, and takes its hint out of ``inspect`` again."""
+    script = textwrap.dedent("""
+        import inspect, sys
+        from tvm.s_tir import TensorIntrin
+        from tvmquant import tuning
+        assert "tvm.s_tir.tensor_intrin" not in sys.modules
+        tuning._import_tensor_intrinsics()
+        assert "tvm.s_tir.tensor_intrin.cuda" in sys.modules
+        for name in ("dot_16x4_vnni", "dot_4x4_i8i8s32_sdot", "wmma_sync_16x16x16_f16f16f32"):
+            TensorIntrin.get(name)
+        assert not [f for f in inspect.modulesbyfile if f.startswith("<frozen")]
+        print("OK")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-2000:]
+
+
 def test_records_database_error(tmp_path):
     with pytest.raises(tuning.TuningError, match="no tuning records"):
         tuning.records_database(tmp_path)
