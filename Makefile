@@ -15,11 +15,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) benchmarks/demo.py
 
+# one pytest worker per core (at most 4: each holds real models and compiled kernels)
+PYTEST := $(PY) -m pytest -q -n auto --maxprocesses 4
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q --runslow tests
+	$(PYTEST) --runslow tests
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[peers]"
