@@ -52,7 +52,14 @@ from ...passes.analysis import emit_like, function_bindings
 from .int8_conv2d import conv_output_size, int8_conv2d, pack_conv_weight
 from .int8_conv2d_amx import amx_tiles, int8_conv2d_amx, pack_conv_weight_amx, prefer_amx
 from .int8_conv2d_pixels import int8_conv2d_pixels, pack_conv_weight_pixels, prefer_pixels
-from .int8_dense import Gate, Requant, int8_dense, kernel_for_relax, pack_weight
+from .int8_dense import (
+    Gate,
+    Requant,
+    int8_dense,
+    kernel_for_relax,
+    pack_weight,
+    scaled_high_word_is_exact,
+)
 from .int8_dense_amx import amx_dense_tiles, int8_dense_amx, pack_weight_amx, prefer_amx_dense
 from .int8_depthwise_conv2d import (
     depthwise_input_size,
@@ -129,13 +136,16 @@ class _Match:
 
 def _use_high_word(m: _Match) -> None:
     """Requantize ``m`` from the product's high word (``Requant.high_word``) when every
-    channel's shift is in 33..62. Only on AVX2, where the int64 form is slow (no 64-bit
-    arithmetic shift); on AVX-512 it measured level (``benchmarks/NOTES.md``), and the VNNI
-    kernels keep the form their benchmarks were measured with."""
+    channel's shift is in 33..62, or scaled to that (``Requant.scaled``) where that is exact.
+    Only on AVX2, where the int64 form is slow (no 64-bit arithmetic shift); on AVX-512 it
+    measured level (``benchmarks/NOTES.md``), and the VNNI kernels keep the form their
+    benchmarks were measured with."""
     if m.requant is None or m.shift is None or not len(m.shift):
         return
     if 33 <= int(np.min(m.shift)) and int(np.max(m.shift)) <= 62:
         m.requant = dataclasses.replace(m.requant, high_word=True)
+    elif m.m0 is not None and scaled_high_word_is_exact(m.m0, m.shift, m.requant):
+        m.requant = dataclasses.replace(m.requant, high_word=True, scaled=True)
 
 
 def _has_table(m: _Match) -> bool:

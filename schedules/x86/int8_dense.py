@@ -147,6 +147,13 @@ class Requant:
     int32 (the rounding constant ``2^(s - 1)`` is a multiple of ``2^32``, so the low word
     cannot carry into it). AVX2 has no 64-bit arithmetic shift: there the int64 form costs
     about twice as many instructions."""
+    scaled: bool = False
+    """With ``high_word``: shifts from 3 up (the layers before an integer gate have shifts
+    below 33 on some channels, 33 or more on others). A channel with a shift ``s`` below 33
+    first clips its sum to ``+-(2^31 - 1) >> p`` and multiplies it by ``2^p``, ``p = 33 - s``,
+    which makes its shift 33 with the same quotient; the clip is exact where the caller
+    checked that it only cuts sums whose output clamps anyway
+    (:func:`scaled_high_word_is_exact`)."""
 
     def __post_init__(self):
         if self.out_dtype not in ("uint8", "int8", "int16"):
@@ -159,6 +166,8 @@ class Requant:
                              "need a positive size and uint8 or int8 values")
         if self.lut_size and self.gate is not None:
             raise ValueError("a lookup table or a gate, not both")
+        if self.scaled and not self.high_word:
+            raise ValueError("scaled is a form of the high-word requantization: set high_word")
 
     @property
     def result_dtype(self) -> str:
@@ -239,6 +248,26 @@ def split_activation(requant: Requant | None, act):
     return None, act
 
 
+def scaled_high_word_is_exact(m0: np.ndarray, shift: np.ndarray, requant: Requant) -> bool:
+    """Whether ``Requant.scaled`` gives the int64 form's result on every channel and every
+    int32 sum: shifts in 3..62, and each clip (``+-(2^31 - 1) >> p``) only cuts sums whose
+    output the clamp holds at the value it has at the clip (the requantization rises with
+    the sum, so all sums beyond the clip clamp alike when the clip and the int32 end do)."""
+    m0, shift = np.asarray(m0), np.asarray(shift)
+    if not len(shift) or int(shift.min()) < 3 or int(shift.max()) > 62 or int(m0.min()) < 0:
+        return False
+
+    def out(x: int, m: int, s: int) -> int:  # Python integers: no overflow
+        y = (x * m + (1 << (s - 1))) >> s
+        return min(max(y + requant.zero_point, requant.lo), requant.hi)
+
+    for m, s in zip(m0.tolist(), shift.tolist()):
+        c = (2**31 - 1) >> max(33 - s, 0)
+        if out(c, m, s) != out(2**31 - 1, m, s) or out(-c, m, s) != out(-(2**31), m, s):
+            return False
+    return True
+
+
 def _epilogue_expr(x, n, bias, m0, shift, requant: Requant | None, lut=None):
     if bias is not None:
         # int32 wrap-around, as the graph's int32 add: summed in int64 and truncated, since
@@ -248,9 +277,14 @@ def _epilogue_expr(x, n, bias, m0, shift, requant: Requant | None, lut=None):
     if requant is None:
         return x
     if requant.high_word:
+        one = tirx.const(1, "int32")
+        if requant.scaled:  # shift s < 33: clip, then x * 2^(33 - s) with shift 33
+            p = tirx.max(tirx.min(tirx.const(33, "int32") - shift[n],
+                                  tirx.const(30, "int32")), tirx.const(0, "int32"))
+            c = tirx.shift_right(tirx.const(2**31 - 1, "int32"), p)
+            x = tirx.shift_left(tirx.max(tirx.min(x, c), tirx.const(0, "int32") - c), p)
         hi = tirx.shift_right(x.astype("int64") * m0[n].astype("int64"),
                               tirx.const(32, "int64")).astype("int32")
-        one = tirx.const(1, "int32")
         # (bounded although every shift is in 33..62: with a run-time shift amount that the
         # simplifier cannot bound, it dropped the clamp after it, and bytes wrapped)
         sh = tirx.max(tirx.min(shift[n] - 32, tirx.const(30, "int32")), one)

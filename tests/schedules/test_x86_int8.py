@@ -535,14 +535,79 @@ def test_high_word_requantization_exact(rq, isa):
     np.testing.assert_array_equal(got, ref.T.reshape(1, n, 1, m))
 
 
+def _scaled_params(rng, n, rq):
+    """Shifts from 3 to 62, half of the channels at the 24-32 of the layers before a gate,
+    multipliers in [2**30, 2**31) (as the pipeline makes them), biases that put the (small)
+    sums where the requantized values spread over ``rq``'s clamp range, and a fifth of them
+    over all of int32."""
+    i = np.arange(n)
+    sh = np.where(i % 2 == 0, 24 + (i // 2) % 9, 3 + (i // 2) % 60).astype(np.int32)
+    m0 = rng.integers(2**30, 2**31, n).astype(np.int32)
+    target = rng.uniform(rq.lo - rq.zero_point, rq.hi - rq.zero_point, n)
+    bias = np.clip(target * 2.0 ** sh.astype(np.float64) / m0, -(2**31), 2**31 - 1)
+    bias = bias.astype(np.int64)
+    wide = rng.random(n) < 0.2
+    bias[wide] = rng.integers(-(2**31), 2**31, int(wide.sum()))
+    return bias.astype(np.int32), m0, sh
+
+
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx2"])
+@pytest.mark.parametrize("rq", HIGH_WORD_REQUANTS, ids=["u8", "i8", "i16", "gate-i8"])
+def test_scaled_high_word_requantization_exact(rq, isa):
+    """Shifts below 33 scaled to 33 (``Requant.scaled``): the int64 reference's bytes, where
+    the dispatcher's check allows the form (it does for multipliers as the pipeline makes
+    them), including sums at both ends of int32."""
+    _need(isa)
+    rng = np.random.default_rng()
+    m, n, k = 17, 120, 8
+    # small sums (a shift of 30 maps a sum to about itself), and row 0's as large as they get
+    a = rng.integers(0, 4, (m, k), dtype=np.uint8)
+    w = rng.integers(-4, 4, (n, k), dtype=np.int8)
+    a[0], w[:, 0] = 255, -128
+    bias, m0, sh = _scaled_params(rng, n, rq)
+    bias[:4] = [-(2**31), 2**31 - 1, -(2**31) + 5, 2**31 - 6]  # sums that wrap, or end there
+    rq = dataclasses.replace(rq, scaled=True)
+    plain = dataclasses.replace(rq, high_word=False, scaled=False)
+    assert dense.scaled_high_word_is_exact(m0, sh, plain)
+    table = epilogue_operand(rng, rq)
+    extra = [table] if table is not None else []
+    acc = (a.astype(np.int64) @ w.T.astype(np.int64)).astype(np.int32)
+    ref = dense.epilogue_reference(acc, bias, m0, sh, plain, lut=table)
+    pre = dense.epilogue_reference(acc, bias, m0, sh, dataclasses.replace(plain, gate=None))
+    low = sh < 33
+    clamped = (pre == plain.lo) | (pre == plain.hi)
+    assert (~clamped[:, low]).sum() > 25  # low shifts' outputs spread, not all clamped
+    ex = dense.build_int8_dense(m, n, k, bias=True, requant=rq, isa=isa)
+    got = _run(ex, [a, dense.pack_weight(w, "NK", isa), bias, m0, sh, *extra], (m, n),
+               rq.result_dtype)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_scaled_high_word_check_refuses_a_clip_that_changes_outputs():
+    rq = dense.Requant(0, 0, 255)
+    ok = np.array([2**30, 2**30 + 5], np.int32), np.array([29, 40], np.int32)
+    assert dense.scaled_high_word_is_exact(*ok, rq)
+    # a tiny multiplier: the clip at 2**27 (shift 29) would hold a sum that rises further
+    assert not dense.scaled_high_word_is_exact(np.array([1, 2**30], np.int32), ok[1], rq)
+    # shifts outside 3..62
+    assert not dense.scaled_high_word_is_exact(ok[0], np.array([2, 40], np.int32), rq)
+    assert not dense.scaled_high_word_is_exact(ok[0], np.array([30, 63], np.int32), rq)
+    with pytest.raises(ValueError, match="high_word"):
+        dense.Requant(0, 0, 255, scaled=True)
+
+
 def test_avx2_dispatch_requantizes_from_the_high_word_when_every_shift_allows():
     from tvmquant.schedules.x86.dispatch import _Match, _use_high_word
 
-    def match(shifts):
-        return _Match(None, None, None, None, np.ones(len(shifts), np.int32),
+    def match(shifts, m0=1):
+        return _Match(None, None, None, None, np.full(len(shifts), m0, np.int32),
                       np.array(shifts, np.int32), dense.Requant(3, 0, 255), None)
 
-    for shifts, expected in [([33, 40, 62], True), ([32, 40], False), ([40, 63], False)]:
-        m = match(shifts)
+    for shifts, m0, high, scaled in [([33, 40, 62], 1, True, False),
+                                     ([32, 40], 700, False, False),  # the clip cuts
+                                     ([32, 40], 2**30, True, True),
+                                     ([29, 33], 2**30 + 7, True, True),
+                                     ([40, 63], 2**30, False, False)]:
+        m = match(shifts, m0)
         _use_high_word(m)
-        assert m.requant.high_word is expected, shifts
+        assert (m.requant.high_word, m.requant.scaled) == (high, scaled), shifts
