@@ -168,6 +168,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _non_default_options(args) -> str:
+    """The options of the command line above that were not their defaults."""
+    extra = ""
+    if args.engines != ",".join(ENGINES):
+        extra += f" --engines {args.engines}"
+    if args.out != HERE / "README.md":
+        extra += f" --out {args.out}"
+    return extra
+
+
 def render(cases, engines, table, peak, kernels, args) -> str:
     title = {**fidelity_titles(), **TITLES}
     lines = [
@@ -176,7 +186,8 @@ def render(cases, engines, table, peak, kernels, args) -> str:
         "Latency of PP-OCR models, batch 1, every engine measured in the same run on the same",
         f"machine. Generated {datetime.datetime.now().isoformat(timespec='seconds')} by",
         f"`python benchmarks/speed.py --models {args.models} --det-sizes {args.det_sizes} "
-        f"--threads {args.threads} --target {args.target} --passes {args.passes}`.",
+        f"--threads {args.threads} --target {args.target} --passes {args.passes}"
+        f"{_non_default_options(args)}`.",
         "",
         f"- Machine: {_machine()}, {args.threads} threads per engine.",
         f"- Software: {_versions()}.",
