@@ -251,6 +251,22 @@ def test_dense_avx2_exact(shape):
     assert AVX2_INTRIN  # registered under its own name
 
 
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx2"])
+def test_dense_epilogue_placement(isa):
+    """On AVX2 the epilogue runs after the tiles, over rows in parallel (in the tiles it
+    cost a workspace allocation per tile and, where tiles overhang, a byte extract and a
+    branch per output); on AVX-512 it stays in the tile, where masked stores are cheap."""
+    rq = dense.Requant(3, 0, 255)
+    sch = Schedule(dense.int8_dense(40, 100, 120, bias=True, requant=rq, isa=isa))
+    loops = [sch.get(lp) for lp in sch.get_loops(sch.get_sblock("C"))]
+    if isa == "avx2":
+        assert [int(lp.extent) for lp in loops] == [40, 100]
+        assert loops[0].kind == tvm.tirx.ForKind.PARALLEL
+    else:  # under the parallel loop of tiles, vectorized over 16 columns
+        assert loops[0].kind == tvm.tirx.ForKind.PARALLEL and int(loops[0].extent) != 40
+        assert int(loops[-1].extent) == 16 and loops[-1].kind == tvm.tirx.ForKind.VECTORIZED
+
+
 # --------------------------------------------------------------------------------------------
 # conv2d: exact against NumPy
 # --------------------------------------------------------------------------------------------
