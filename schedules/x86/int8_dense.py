@@ -29,7 +29,8 @@ Schedule: output tiles of ``mb`` rows x ``nb * 16`` columns, accumulated in regi
 (``mb * nb`` zmm accumulators), tiles spread over the cores with a parallel outer loop, full
 reduction over ``K`` inside the tile (``k`` outer, then ``mb`` x ``nb`` unrolled
 ``vpdpbusd``: ``nb`` 64-byte weight loads and ``mb`` 4-byte broadcasts per step), then the
-epilogue on the tile while it is still in L1. Tails never put a predicate in the hot loop:
+epilogue on the tile while it is still in L1 (with ``isa="avx2"``: after all tiles, rows in
+parallel; see :func:`schedule_int8_dense`). Tails never put a predicate in the hot loop:
 the accumulator covers ``ceil(M/mb)*mb`` rows and ``ceil(N/(16 nb))*16 nb`` columns, the extra
 ones re-reading row ``M-1`` / the last weight block (clamped indices), and ``C`` keeps the
 ``M x N`` part. Optional ``kc`` blocks the reduction (see :func:`schedule_int8_dense`).
